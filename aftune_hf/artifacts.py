@@ -1,0 +1,90 @@
+"""Digests of the artifacts a contract names: the base model directory and the dataset.
+
+A base model digest hashes tensors, not files (safetensors bytes are not canonical once a
+file carries two metadata keys): ``model_digest(state_digest(all tensors in *.safetensors),
+config.json without volatile keys)``. A dataset digest is the file digest of a single file,
+or the files digest over every file of a directory.
+
+Example:
+    >>> from aftune_hf.artifacts import dataset_digest
+    >>> dataset_digest("aftune_hf/recipes/data/tiny_instruct.jsonl").hex()[:8]   # doctest: +SKIP
+    '...'
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import digest as D
+from .contract import Artifact, Contract
+from .errors import ConfigError, ContractViolationError
+
+# config.json keys that record the writer's environment, not the architecture
+VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path"})
+
+
+def architecture_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` without volatile keys, floats made exact, ready for canonical JSON."""
+    return _canon({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
+
+
+def _canon(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return D.encode_float(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_canon(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _canon(v) for k, v in obj.items()}
+    return obj
+
+
+def model_dir_digest(path: str | Path) -> bytes:
+    """Digest of a Hugging Face model directory (``config.json`` + ``*.safetensors``)."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not (root / "config.json").is_file() or not files:
+        raise ConfigError("model_not_found", "needs config.json and *.safetensors", path=str(root))
+    tensors: dict[str, Any] = {}
+    for f in files:
+        for name, t in load_file(f).items():
+            if name in tensors:
+                raise ConfigError("model_invalid", f"tensor {name} in two shards", path=str(root))
+            tensors[name] = t
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    return D.model_digest(D.state_digest(tensors), architecture_config(config))
+
+
+def dataset_digest(path: str | Path) -> bytes:
+    """Digest of a dataset file, or of every file under a dataset directory."""
+    root = Path(path)
+    if root.is_file():
+        return D.file_digest(root)
+    if root.is_dir():
+        files = {
+            p.relative_to(root).as_posix(): D.file_digest(p)
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()
+        }
+        return D.files_digest(files)
+    raise ConfigError("dataset_not_found", "no such file or directory", path=str(root))
+
+
+def check_artifacts(contract: Contract) -> None:
+    """Check that the local base model and dataset hash to the contract's digests.
+
+    Raises:
+        ContractViolationError: ``base_model_digest`` or ``dataset_digest`` mismatch.
+    """
+    _check(contract, contract.base_model, model_dir_digest, "base_model_digest")
+    _check(contract, contract.dataset, dataset_digest, "dataset_digest")
+
+
+def _check(contract: Contract, art: Artifact, fn: Any, code: str) -> None:
+    path = contract.resolve(art.path)
+    actual = fn(path).hex()
+    if actual != art.digest:
+        raise ContractViolationError(code, f"contract says {art.digest}, local is {actual}", path=str(path))

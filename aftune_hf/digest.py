@@ -1,0 +1,426 @@
+"""Pure hashing: tensor and state digests, RFC 6962 Merkle trees, the hash chain, challenges.
+
+Every formula here is specified in ``docs/FORMAT.md``; golden vectors in
+``tests/test_digest.py`` freeze them. All hashes are BLAKE3 in ``derive_key`` mode with one
+context string per role (:data:`CONTEXTS`), so a digest made for one role can never be
+replayed as another. The Merkle tree is generic over its hash functions: with SHA-256 and
+RFC 6962's 0x00/0x01 prefixes (:data:`RFC6962_SHA256`) it reproduces the Certificate
+Transparency test vectors.
+
+Example:
+    >>> import torch
+    >>> from aftune_hf import digest
+    >>> d = digest.state_digest({"w": torch.zeros(2, 2), "b": torch.ones(2)})
+    >>> len(d)
+    32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3 as _blake3
+
+PROTOCOL_VERSION = 1
+DIGEST_SIZE = 32
+_CONTEXT_PREFIX = "aftune_hf 2026-11-25 v1 "
+CONTEXTS: dict[str, str] = {
+    role: _CONTEXT_PREFIX + role
+    for role in (
+        "tensor",
+        "state leaf",
+        "state node",
+        "state empty",
+        "batch leaf",
+        "batch node",
+        "batch empty",
+        "record leaf",
+        "record node",
+        "record empty",
+        "chain",
+        "trace root",
+        "json",
+        "file",
+        "files leaf",
+        "files node",
+        "files empty",
+        "model",
+        "anchor",
+        "challenge",
+        "window stream",
+    )
+}
+_BIG_BUFFER = 1 << 20  # hash with all cores above this size
+
+if sys.byteorder != "little":  # pragma: no cover - tensor bytes are specified little-endian
+    raise ImportError("aftune_hf digests are defined on little-endian machines only")
+
+
+def hasher(role: str) -> Any:
+    """A fresh BLAKE3 hasher keyed for ``role`` (one of :data:`CONTEXTS`)."""
+    return _blake3.blake3(derive_key_context=CONTEXTS[role], max_threads=_blake3.blake3.AUTO)
+
+
+def hash_bytes(role: str, *parts: bytes | memoryview) -> bytes:
+    """BLAKE3 derive_key(role) over the concatenation of ``parts``."""
+    h = hasher(role)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def u64(n: int) -> bytes:
+    """Big-endian unsigned 64-bit encoding used inside every hashed structure."""
+    return struct.pack(">Q", n)
+
+
+def lp(data: bytes) -> bytes:
+    """Length-prefixed bytes: ``u64(len) || data``."""
+    return u64(len(data)) + data
+
+
+# --- canonical JSON ---------------------------------------------------------------------
+
+
+def encode_float(x: float) -> str:
+    """Exact, language-independent float encoding (C99 ``%a``, Python ``float.hex``)."""
+    return float(x).hex()
+
+
+def decode_float(s: str) -> float:
+    """Inverse of :func:`encode_float`."""
+    return float.fromhex(s)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """RFC 8785-compatible canonical JSON for the float-free subset we hash.
+
+    Keys sorted, no whitespace, UTF-8, integers within ±2**53. Floats are rejected:
+    encode them with :func:`encode_float` first, so every implementation agrees on bytes.
+    """
+    _check_canonical(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _check_canonical(obj: Any) -> None:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, int):
+        if abs(obj) > 2**53:
+            raise ValueError(f"integer {obj} outside the canonical JSON range")
+        return
+    if isinstance(obj, float):
+        raise TypeError("floats are not canonical; encode them with encode_float()")
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_canonical(v)
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"JSON object keys must be str, got {type(k).__name__}")
+            _check_canonical(v)
+        return
+    raise TypeError(f"{type(obj).__name__} is not canonical JSON")
+
+
+def json_digest(obj: Any) -> bytes:
+    """Digest of the canonical JSON form of ``obj``."""
+    return hash_bytes("json", canonical_json(obj))
+
+
+# --- tensors and states -------------------------------------------------------------------
+
+# safetensors dtype names; the digest binds the name, the shape and the raw bytes.
+_TORCH_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    """safetensors name (``"F32"``, ``"BF16"``, ...) of a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise TypeError(f"unsupported tensor dtype {dtype}") from None
+
+
+def tensor_digest_raw(dtype: str, shape: Sequence[int], data: bytes | memoryview) -> bytes:
+    """The tensor digest from its parts: ``H_tensor(lp(dtype) || u64(ndim) || u64(dim)... || bytes)``."""
+    header = lp(dtype.encode("ascii")) + u64(len(shape)) + b"".join(u64(d) for d in shape)
+    return hash_bytes("tensor", header, data)
+
+
+def tensor_bytes(t: Any) -> memoryview:
+    """Raw little-endian bytes of a tensor, without a copy when it is contiguous on CPU."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    import torch
+
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def tensor_digest(t: Any) -> bytes:
+    """Digest of a torch tensor's dtype, shape and raw bytes (NaN payloads and -0.0 count)."""
+    return tensor_digest_raw(dtype_name(t.dtype), tuple(t.shape), tensor_bytes(t))
+
+
+def _named_leaf(name: str, digest: bytes) -> bytes:
+    return lp(name.encode("utf-8")) + digest
+
+
+def named_digest(digests: Mapping[str, bytes], tree: MerkleTree) -> bytes:
+    """Merkle root over ``lp(name) || digest`` leaves in sorted-name order."""
+    return tree.root([_named_leaf(n, digests[n]) for n in sorted(digests)])
+
+
+def state_digest(tensors: Mapping[str, Any]) -> bytes:
+    """Digest of a named set of tensors (model or trainable state): Merkle over sorted names."""
+    return named_digest({n: tensor_digest(t) for n, t in tensors.items()}, STATE_TREE)
+
+
+def batch_digest(batch: Mapping[str, Any]) -> bytes:
+    """Digest of one collated micro-batch as fed to the model (non-tensor values ignored)."""
+    import torch
+
+    return named_digest(
+        {n: tensor_digest(t) for n, t in batch.items() if isinstance(t, torch.Tensor)}, BATCH_TREE
+    )
+
+
+def file_digest(path: str | Path) -> bytes:
+    """Digest of a file's bytes (memory-mapped)."""
+    h = hasher("file")
+    if Path(path).stat().st_size:
+        h.update_mmap(str(path))
+    return h.digest()
+
+
+def files_digest(files: Mapping[str, bytes]) -> bytes:
+    """Merkle root over ``lp(relative posix path) || file digest`` in sorted-path order."""
+    return named_digest(files, FILES_TREE)
+
+
+def model_digest(state: bytes, config: Mapping[str, Any]) -> bytes:
+    """Digest of a model: its tensor state digest bound to its canonical architecture config."""
+    return hash_bytes("model", state, json_digest(dict(config)))
+
+
+def anchor_digest(parts: Mapping[str, bytes]) -> bytes:
+    """Digest of an anchor from its part digests (``params``, ``optimizer``, ``rng``, ``meta``)."""
+    return hash_bytes("anchor", canonical_json({k: v.hex() for k, v in parts.items()}))
+
+
+# --- Merkle tree (RFC 6962 shape) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MerkleTree:
+    """An RFC 6962 Merkle tree over a leaf hash and a node hash.
+
+    ``MTH({}) = empty``, ``MTH({d}) = leaf(d)``,
+    ``MTH(D[n]) = node(MTH(D[:k]), MTH(D[k:]))`` with ``k`` the largest power of two < n.
+
+    Example:
+        >>> RFC6962_SHA256.root([b""]).hex()[:16]
+        '6e340b9cffb37a98'
+    """
+
+    leaf: Callable[[bytes], bytes]
+    node: Callable[[bytes, bytes], bytes]
+    empty: bytes
+
+    def root(self, leaves: Sequence[bytes]) -> bytes:
+        """Root over raw leaf data."""
+        return self.root_from_hashes([self.leaf(d) for d in leaves])
+
+    def root_from_hashes(self, hashes: Sequence[bytes]) -> bytes:
+        """Root over already-hashed leaves."""
+        if not hashes:
+            return self.empty
+        level = list(hashes)
+        return self._subtree(level, 0, len(level))
+
+    def _subtree(self, hashes: list[bytes], lo: int, hi: int) -> bytes:
+        n = hi - lo
+        if n == 1:
+            return hashes[lo]
+        k = _split(n)
+        return self.node(self._subtree(hashes, lo, lo + k), self._subtree(hashes, lo + k, hi))
+
+    def inclusion_proof(self, hashes: Sequence[bytes], index: int) -> list[bytes]:
+        """Audit path (RFC 6962 §2.1.1) for leaf ``index`` among ``hashes``."""
+        if not 0 <= index < len(hashes):
+            raise IndexError(f"leaf {index} outside a tree of {len(hashes)}")
+        path: list[bytes] = []
+        lo, hi = 0, len(hashes)
+        while hi - lo > 1:
+            k = _split(hi - lo)
+            if index < lo + k:
+                path.append(self._subtree(list(hashes), lo + k, hi))
+                hi = lo + k
+            else:
+                path.append(self._subtree(list(hashes), lo, lo + k))
+                lo = lo + k
+        return path[::-1]
+
+    def verify_inclusion(
+        self, leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
+    ) -> bool:
+        """RFC 9162 §2.1.3.2 inclusion verification; False on any inconsistency."""
+        if not 0 <= index < size:
+            return False
+        fn, sn, r = index, size - 1, leaf_hash
+        for p in proof:
+            if sn == 0:
+                return False
+            if fn & 1 or fn == sn:
+                r = self.node(p, r)
+                if not fn & 1:
+                    while fn & 1 == 0 and fn != 0:
+                        fn >>= 1
+                        sn >>= 1
+            else:
+                r = self.node(r, p)
+            fn >>= 1
+            sn >>= 1
+        return sn == 0 and r == root
+
+
+def _split(n: int) -> int:
+    """Largest power of two strictly smaller than ``n`` (n >= 2)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def _blake3_tree(name: str) -> MerkleTree:
+    return MerkleTree(
+        leaf=lambda d: hash_bytes(f"{name} leaf", d),
+        node=lambda left, right: hash_bytes(f"{name} node", left, right),
+        empty=hash_bytes(f"{name} empty"),
+    )
+
+
+RFC6962_SHA256 = MerkleTree(
+    leaf=lambda d: hashlib.sha256(b"\x00" + d).digest(),
+    node=lambda left, right: hashlib.sha256(b"\x01" + left + right).digest(),
+    empty=hashlib.sha256(b"").digest(),
+)
+STATE_TREE = _blake3_tree("state")
+BATCH_TREE = _blake3_tree("batch")
+RECORD_TREE = _blake3_tree("record")
+FILES_TREE = _blake3_tree("files")
+
+
+# --- hash chain and trace root --------------------------------------------------------------
+
+
+def chain_start(contract_digest: bytes, run_id: str) -> bytes:
+    """``c_0 = H_chain(contract_digest || lp(run_id))``."""
+    return hash_bytes("chain", contract_digest, lp(run_id.encode("utf-8")))
+
+
+def chain_next(prev: bytes, index: int, leaf_hash: bytes) -> bytes:
+    """``c_i = H_chain(c_{i-1} || u64(i) || leaf_i)`` for record number ``i`` (1-based)."""
+    return hash_bytes("chain", prev, u64(index), leaf_hash)
+
+
+def record_leaf(record: Mapping[str, Any]) -> bytes:
+    """Leaf hash of a chain record: the record tree's leaf over its canonical JSON."""
+    return RECORD_TREE.leaf(canonical_json(dict(record)))
+
+
+def trace_root(fields: Mapping[str, Any]) -> bytes:
+    """The trace root: ``H_root(canonical_json(root fields))`` (see docs/FORMAT.md)."""
+    return hash_bytes("trace root", canonical_json(dict(fields)))
+
+
+# --- challenge ----------------------------------------------------------------------------------
+
+
+def challenge_seed(trace_root_digest: bytes, nonce: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    """``seed = H_challenge(trace_root || lp(nonce) || u64(version))``."""
+    return hash_bytes("challenge", trace_root_digest, lp(nonce), u64(version))
+
+
+class _XofStream:
+    """Deterministic uniform integers from a seed (BLAKE3 keyed XOF, rejection sampling)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._h = hasher("window stream")
+        self._h.update(seed)
+        self._pos = 0
+
+    def _next_u64(self) -> int:
+        out = self._h.digest(length=8, seek=self._pos)
+        self._pos += 8
+        return int.from_bytes(out, "big")
+
+    def below(self, n: int) -> int:
+        """Uniform integer in ``[0, n)``."""
+        limit = (1 << 64) - ((1 << 64) % n)
+        while True:
+            x = self._next_u64()
+            if x < limit:
+                return x % n
+
+
+def sample_windows(seed: bytes, n_windows: int, k: int) -> list[int]:
+    """Choose ``k`` of ``n_windows`` window indices from ``seed``, sorted.
+
+    The first and the last window are always included; the rest are drawn uniformly
+    without replacement (partial Fisher-Yates over a BLAKE3 XOF stream of the seed).
+
+    Example:
+        >>> sample_windows(b"\\x00" * 32, 10, 4)[0], sample_windows(b"\\x00" * 32, 10, 4)[-1]
+        (0, 9)
+    """
+    if n_windows < 1:
+        raise ValueError("there must be at least one window")
+    k = max(1, min(k, n_windows))
+    chosen = {0, n_windows - 1}
+    rest = list(range(1, n_windows - 1))
+    stream = _XofStream(seed)
+    need = max(0, k - len(chosen))
+    for i in range(min(need, len(rest))):
+        j = i + stream.below(len(rest) - i)
+        rest[i], rest[j] = rest[j], rest[i]
+    return sorted(chosen | set(rest[:need]))
+
+
+def detection_probability(n: int, k: int, bad: int) -> float:
+    """P(at least one of ``bad`` falsified windows is among ``k`` drawn of ``n`` without replacement)."""
+    if bad <= 0:
+        return 0.0
+    if k >= n or bad > n - k:
+        return 1.0
+    return 1.0 - math.comb(n - bad, k) / math.comb(n, k)
+
+
+def iter_hex(digests: Iterable[bytes]) -> list[str]:
+    """Hex strings of digests (for JSON)."""
+    return [d.hex() for d in digests]

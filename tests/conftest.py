@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny base model built from a config (no network) and contracts for it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DATASET = REPO / "aftune_hf" / "recipes" / "data" / "tiny_instruct.jsonl"
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama base model of configs/*.yaml, created deterministically."""
+    from aftune_hf.recipes.causal_lm import make_base_model
+
+    out = tmp_path_factory.mktemp("base") / "tiny-llama"
+    make_base_model(out)
+    return out
+
+
+@pytest.fixture
+def write_contract(tmp_path, base_model_dir):
+    """Write a contract YAML next to the test's tmp dir: ``write_contract("tiny-lora", training={...})``."""
+
+    def _write(template: str = "tiny-lora", name: str = "contract.yaml", **changes) -> Path:
+        data = yaml.safe_load((CONFIGS / f"{template}.yaml").read_text())
+        data["base_model"]["path"] = str(base_model_dir)
+        data["dataset"]["path"] = str(DATASET)
+        for section, value in changes.items():
+            if isinstance(value, dict) and isinstance(data.get(section), dict):
+                data[section] = {**data[section], **value}
+            else:
+                data[section] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return _write

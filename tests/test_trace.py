@@ -1,0 +1,327 @@
+"""The trace format: writer/reader round trip, anchors without pickle, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+
+from aftune_hf import digest as D
+from aftune_hf import records as R
+from aftune_hf.errors import (
+    CommitmentError,
+    ManifestMismatchError,
+    PathSafetyError,
+    RecorderError,
+    ResourceLimitError,
+    TraceFormatError,
+    TraceLockedError,
+    UnsafeContentError,
+)
+from aftune_hf.trace import (
+    CHAIN,
+    HEADER,
+    ROOT,
+    Limits,
+    TraceReader,
+    TraceWriter,
+    anchor_path,
+    checkpoint_path,
+    schema_of,
+)
+from tests import tracekit
+
+
+@pytest.fixture
+def trace(tmp_path):
+    root = tmp_path / "trace"
+    tracekit.write_trace(root, steps=4, anchor_every=2)
+    return root
+
+
+def test_round_trip(trace):
+    reader = TraceReader(trace)
+    integrity = reader.check_integrity()
+    assert integrity.num_steps == 4
+    steps = integrity.steps()
+    assert sorted(steps) == [0, 1, 2, 3, 4]
+    schema = reader.schema()
+    for s in (1, 2, 3, 4):
+        ck = reader.checkpoint(s, schema)
+        assert D.state_digest(ck).hex() == steps[s]["state"]
+    for s in (0, 2, 4):
+        assert reader.anchor(s, schema).digest().hex() == steps[s]["anchor"]
+    assert steps[3]["anchor"] is None
+    assert reader.header()["contract_digest"] == tracekit.CONTRACT_DIGEST.hex()
+    assert integrity.root["final_state"] == steps[4]["state"]
+    lines = (trace / CHAIN).read_bytes().splitlines()
+    assert [json.loads(line)["record"] for line in lines] == [dict(e.record) for e in integrity.entries]
+
+
+def test_anchor_resumes_bit_exact_without_pickle(trace):
+    """Optimizer, scheduler and RNG (dropout!) restored from safetensors+JSON continue exactly."""
+    reader = TraceReader(trace)
+    anchor = reader.anchor(2, reader.schema())
+    model, opt, sched = tracekit.build(seed=123)  # different init: everything must come from the anchor
+    model.load_state_dict({**model.state_dict(), **anchor.params})
+    opt.load_state_dict(anchor.optimizer_state_dict())
+    sched.load_state_dict(anchor.scheduler_state())
+    rng = anchor.rng_state()
+    import random
+
+    import numpy as np
+
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["cpu"])
+    for step in (3, 4):
+        tracekit.train_step(model, opt, sched, step)
+        recorded = reader.checkpoint(step)
+        assert all(torch.equal(p, recorded[n]) for n, p in model.named_parameters())
+    assert anchor.trainer_state() == {"global_step": 2}
+
+
+def test_safetensors_output_is_byte_stable(tmp_path):
+    t = {"b": torch.randn(3, 4), "a": torch.arange(5)}
+    from aftune_hf.safeio import atomic_save_safetensors
+
+    atomic_save_safetensors(tmp_path / "1.safetensors", t, {"format": "pt"})
+    atomic_save_safetensors(tmp_path / "2.safetensors", dict(reversed(list(t.items()))), {"format": "pt"})
+    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+
+
+# --- refusals: each builds the bad file and expects a specific error -----------------------------
+
+
+def _rewrite_json(path, fn):
+    obj = json.loads(path.read_bytes())
+    fn(obj)
+    path.write_bytes(D.canonical_json(obj))
+
+
+def test_pickle_file_refused_unopened(trace):
+    (trace / "optimizer.pt").write_bytes(b"\x80\x04 not even opened")
+    with pytest.raises(UnsafeContentError, match="pickle_not_allowed"):
+        TraceReader(trace)
+    os.remove(trace / "optimizer.pt")
+    (trace / "checkpoints" / "rng_state.pth").write_bytes(b"x")
+    with pytest.raises(UnsafeContentError):
+        TraceReader(trace)
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "outside"])
+def test_symlinks_refused(trace, tmp_path, kind):
+    if kind == "file":
+        os.symlink(trace / HEADER, trace / "link.json")
+    elif kind == "dir":
+        os.symlink(trace / "checkpoints", trace / "more")
+    else:
+        (trace / checkpoint_path(1)).unlink()
+        os.symlink("/etc/passwd", trace / checkpoint_path(1))
+    with pytest.raises(PathSafetyError, match="symlink"):
+        TraceReader(trace)
+
+
+def test_special_and_hardlinked_files_refused(trace):
+    os.mkfifo(trace / "pipe")
+    with pytest.raises(PathSafetyError, match="special_file"):
+        TraceReader(trace)
+    os.remove(trace / "pipe")
+    os.link(trace / HEADER, trace / "copy.json")
+    with pytest.raises(PathSafetyError, match="hardlink"):
+        TraceReader(trace)
+
+
+@pytest.mark.parametrize("name", ["a b.json", "x:y.json", "checkpoints/a\u00e9.safetensors"])
+def test_bad_file_names_refused(trace, name):
+    target = trace / name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"{}")
+    except OSError:
+        pytest.skip("filesystem refuses the name")
+    with pytest.raises(PathSafetyError):
+        TraceReader(trace)
+
+
+def test_too_deep_and_too_many_files(trace):
+    deep = trace / "a" / "b" / "c" / "d"
+    deep.mkdir(parents=True)
+    (deep / "x.json").write_bytes(b"{}")
+    with pytest.raises(PathSafetyError, match="too_deep"):
+        TraceReader(trace)
+    shutil.rmtree(trace / "a")
+    with pytest.raises(ResourceLimitError, match="too_many_files"):
+        TraceReader(trace, limits=Limits(max_files=5))
+
+
+def test_unknown_format_version_refused(trace):
+    _rewrite_json(trace / HEADER, lambda h: h.update(format_version=2))
+    with pytest.raises(TraceFormatError, match="format_version"):
+        TraceReader(trace).header()
+
+
+def test_oversized_json_refused_before_reading(trace):
+    with pytest.raises(ResourceLimitError, match="file_too_large"):
+        TraceReader(trace, limits=Limits(max_json_bytes=100)).header()
+
+
+def test_duplicate_json_keys_refused(trace):
+    data = (trace / HEADER).read_bytes()
+    (trace / HEADER).write_bytes(data[:-1] + b',"run_id":"other"}')
+    with pytest.raises(TraceFormatError, match="duplicate_key"):
+        TraceReader(trace).header()
+
+
+def test_oversized_safetensors_header_refused(trace):
+    blob = (trace / checkpoint_path(1)).read_bytes()
+    (trace / checkpoint_path(1)).write_bytes((10 * 2**30).to_bytes(8, "little") + blob[8:])
+    with pytest.raises(TraceFormatError, match="header_too_large"):
+        TraceReader(trace).checkpoint(1)
+
+
+def test_duplicate_tensor_names_refused(trace):
+    hdr = '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    (trace / checkpoint_path(2)).write_bytes(len(hdr).to_bytes(8, "little") + hdr.encode() + b"\0" * 4)
+    with pytest.raises(TraceFormatError, match="duplicate_key"):
+        TraceReader(trace).checkpoint(2)
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "shape", "dtype"])
+def test_tensor_schema_enforced(trace, change):
+    reader = TraceReader(trace)
+    schema = reader.schema()
+    tensors = reader.checkpoint(1, schema)
+    name = sorted(tensors)[0]
+    if change == "extra":
+        tensors["smuggled"] = torch.zeros(1)
+    elif change == "missing":
+        tensors.pop(name)
+    elif change == "shape":
+        tensors[name] = torch.zeros(tensors[name].numel() + 1)
+    else:
+        tensors[name] = tensors[name].double()
+    safetensors.torch.save_file(tensors, trace / checkpoint_path(1), metadata={"format": "pt"})
+    with pytest.raises(ManifestMismatchError) as e:
+        TraceReader(trace).checkpoint(1, schema)
+    assert e.value.code == {"extra": "tensor_extra", "missing": "tensor_missing"}.get(change, "tensor_schema")
+
+
+def test_extra_and_missing_files(trace):
+    (trace / "notes.json").write_bytes(b"{}")
+    with pytest.raises(ManifestMismatchError, match="extra_file"):
+        TraceReader(trace).check_integrity()
+    (trace / "notes.json").unlink()
+    (trace / checkpoint_path(3)).unlink()
+    with pytest.raises(ManifestMismatchError, match="missing_file"):
+        TraceReader(trace).check_integrity()
+    (trace / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # the Hub adds this; ignored
+
+
+def test_gitattributes_from_the_hub_is_ignored(trace):
+    (trace / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    assert TraceReader(trace).check_integrity().num_steps == 4
+
+
+def test_edited_checkpoint_detected(trace):
+    reader = TraceReader(trace)
+    t = reader.checkpoint(2)
+    name = sorted(t)[0]
+    t[name] = t[name] + 1e-6
+    safetensors.torch.save_file(t, trace / checkpoint_path(2), metadata={"format": "pt"})
+    with pytest.raises(ManifestMismatchError, match="hash_mismatch"):
+        TraceReader(trace).check_integrity()
+
+
+def test_edited_chain_record_detected(trace):
+    lines = (trace / CHAIN).read_bytes().splitlines(keepends=True)
+    obj = json.loads(lines[2])
+    obj["record"]["lr"] = D.encode_float(0.5)
+    lines[2] = D.canonical_json(obj) + b"\n"
+    (trace / CHAIN).write_bytes(b"".join(lines))
+    with pytest.raises(CommitmentError, match="leaf_mismatch"):
+        TraceReader(trace).check_integrity()
+
+
+def test_recomputed_but_reordered_chain_detected(trace):
+    """Swapping two records and recomputing their hashes still breaks the step sequence."""
+    entries = TraceReader(trace).entries()
+    records = [dict(e.record) for e in entries]
+    records[1], records[2] = records[2], records[1]
+    head, lines = D.chain_start(tracekit.CONTRACT_DIGEST, "tracekit-run"), []
+    for i, rec in enumerate(records, 1):
+        e = R.link(head, i, rec)
+        head = e.chain
+        lines.append(D.canonical_json(e.to_json()) + b"\n")
+    (trace / CHAIN).write_bytes(b"".join(lines))
+    with pytest.raises(CommitmentError, match="duplicate_step|step_gap"):
+        TraceReader(trace).check_integrity()
+
+
+def test_torn_chain_refused(trace):
+    with open(trace / CHAIN, "ab") as f:
+        f.write(b'{"i":6,"rec')
+    with pytest.raises(TraceFormatError, match="chain_torn"):
+        TraceReader(trace).check_integrity()
+
+
+@pytest.mark.parametrize("field,value", [("num_steps", 3), ("final_state", "00" * 32), ("trace_root", "11" * 32)])
+def test_edited_root_detected(trace, field, value):
+    _rewrite_json(trace / ROOT, lambda r: r.update({field: value}))
+    with pytest.raises(CommitmentError, match="root_mismatch"):
+        TraceReader(trace).check_integrity()
+
+
+def test_malformed_anchor_meta_refused(trace):
+    _rewrite_json(trace / anchor_path(2, "meta"), lambda m: m.update(extra=1))
+    with pytest.raises(TraceFormatError, match="anchor_invalid"):
+        TraceReader(trace).anchor(2)
+
+
+# --- writer: locking, crash recovery -------------------------------------------------------------
+
+
+def test_second_writer_is_locked_out(tmp_path):
+    w, _ = tracekit.write_trace(tmp_path / "t", steps=2, finalize=False)
+    with pytest.raises(TraceLockedError):
+        TraceWriter.resume(tmp_path / "t")
+    w.close()
+    with pytest.raises(RecorderError, match="trace_exists"):
+        TraceWriter.create(tmp_path / "t", contract_digest=bytes(32), contract={}, schema={})
+
+
+def test_resume_after_crash_cleans_torn_state(tmp_path):
+    root = tmp_path / "t"
+    w, model = tracekit.write_trace(root, steps=3, finalize=False)
+    committed = (root / CHAIN).read_bytes()
+    # simulate a crash mid-step 4: a checkpoint written, a temp file, a torn chain line, stale lock
+    w.write_checkpoint(4, tracekit.params(model))
+    (root / "checkpoints" / ".step-00000005.safetensors.tmp-abc").write_bytes(b"partial")
+    with open(root / CHAIN, "ab") as f:
+        f.write(b'{"i":5,"record":{"kind"')
+    (root / ".aftune.lock").write_text("999999999")  # a dead pid
+    w2 = TraceWriter.resume(root)
+    assert (root / CHAIN).read_bytes() == committed
+    assert not (root / checkpoint_path(4)).exists()
+    assert not list(root.rglob("*.tmp-*"))
+    assert w2.last_step == 3
+    w2.append(R.resume_record(step=3, reason="test crash"))
+    w2.finalize("card", D.state_digest(tracekit.params(model)))
+    integrity = TraceReader(root).check_integrity()
+    assert integrity.num_steps == 3 and integrity.entries[-1].record["kind"] == "resume"
+
+
+def test_writer_refuses_invalid_records(tmp_path):
+    w = TraceWriter.create(tmp_path / "t", contract_digest=bytes(32), contract={}, schema={})
+    with pytest.raises(TraceFormatError):
+        w.append({"kind": "step", "step": 1})
+    with pytest.raises(TraceFormatError):
+        w.append(R.start_record(state=b"\0" * 31, anchor=bytes(32)))
+
+
+def test_schema_of():
+    assert schema_of({"w": torch.zeros(2, 3, dtype=torch.bfloat16)}) == {"w": ("BF16", (2, 3))}
