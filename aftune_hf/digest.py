@@ -205,7 +205,10 @@ def state_digest(tensors: Mapping[str, Any]) -> bytes:
 
 
 def batch_digest(batch: Mapping[str, Any]) -> bytes:
-    """Digest of one collated micro-batch as fed to the model (non-tensor values ignored)."""
+    """Digest of one collated micro-batch as fed to the model (non-tensor values ignored).
+
+    The Trainer's ``num_items_in_batch`` is not part of the batch; it is recorded on its own.
+    """
     import torch
 
     return named_digest(

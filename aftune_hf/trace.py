@@ -213,6 +213,27 @@ class TraceWriter:
         writer._remove_orphans()
         return writer
 
+    def truncate_after(self, step: int) -> None:
+        """Drop every record after the one committing ``step`` (resuming from an earlier step).
+
+        Raises:
+            RecorderError: ``resume_gap`` if ``step`` was never committed.
+        """
+        keep = next((i for i, e in enumerate(self.entries) if e.record["kind"] != "resume" and e.record["step"] == step), None)
+        if keep is None:
+            self.close()
+            raise RecorderError("resume_gap", f"the trace has no committed step {step} (last is {self.last_step})")
+        if keep + 1 < len(self.entries):
+            self.entries = self.entries[: keep + 1]
+            data = b"".join(D.canonical_json(e.to_json()) + b"\n" for e in self.entries)
+            atomic_write_bytes(self.root / CHAIN, data)
+            self._head = self.entries[-1].chain
+            self._remove_orphans()
+
+    def record_for(self, step: int) -> Mapping[str, Any]:
+        """The committed start/step record of ``step``."""
+        return next(e.record for e in self.entries if e.record["kind"] != "resume" and e.record["step"] == step)
+
     def chain_start(self) -> bytes:
         return D.chain_start(bytes.fromhex(self.header["contract_digest"]), self.header["run_id"])
 

@@ -87,7 +87,7 @@ def build(contract: Contract, output_dir: str, **training_overrides: Any) -> Rec
     """
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
     t = contract.training
     unknown = set(contract.recipe_args) - _RECIPE_ARGS
@@ -98,6 +98,7 @@ def build(contract: Contract, output_dir: str, **training_overrides: Any) -> Rec
     if clash:
         raise ConfigError("override_contract", f"the contract fixes {clash}")
 
+    set_seed(t.seed)  # adapter initialisation must be the same for provider and verifier
     tokenizer = byte_tokenizer(padding_side=t.padding.side)
     model = AutoModelForCausalLM.from_pretrained(  # fp32 master weights; bf16/fp16 is autocast
         contract.resolve(contract.base_model.path),

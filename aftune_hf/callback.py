@@ -1,0 +1,301 @@
+"""AuditCallback: make any ``transformers.Trainer`` run auditable with one line.
+
+Per optimizer step it commits the digests of the exact micro-batches fed to the model
+(captured by a forward pre-hook), the loss, the learning rate applied, the gradient norm and
+the digest of the trainable state after the step; it writes checkpoints of the trainable
+tensors and anchors of the full resumable state (safetensors + JSON, never pickle) from a
+background thread with a bounded queue. Any failure stops training (fail closed).
+
+Example:
+    >>> from transformers import Trainer
+    >>> from aftune_hf import AuditCallback
+    >>> trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate,
+    ...                   callbacks=[AuditCallback("contract.yaml", "runs/trace")])   # doctest: +SKIP
+    >>> trainer.train()                                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from . import digest as D
+from . import records as R
+from .card import render_card
+from .contract import Contract, load_contract
+from .errors import ContractViolationError, RecorderError
+from .live import contract_differences, make_anchor, snapshot, trainable_params, unwrap
+from .trace import Anchor, TraceWriter, schema_of
+
+logger = logging.getLogger(__name__)
+
+
+class StepCapture:
+    """Forward hooks that capture, per optimizer step, what the model was fed and returned.
+
+    Only forwards in training mode between ``begin()`` and ``end()`` count, so evaluation,
+    prediction and generation are ignored.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.batches: list[bytes] = []
+        self.num_items: int | None = None
+        self.loss: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def install(self, model: torch.nn.Module) -> None:
+        self.remove()
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def begin(self) -> None:
+        self.active, self.batches, self.num_items, self.loss = True, [], None, None
+
+    def end(self) -> tuple[list[bytes], int | None, float]:
+        self.active = False
+        loss = math.nan if self.loss is None else float(self.loss)
+        return self.batches, self.num_items, loss
+
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (self.active and module.training):
+            return
+        if args:
+            raise RecorderError("capture_failed", "the model was called with positional tensors")
+        n = kwargs.get("num_items_in_batch")
+        self.batches.append(D.batch_digest({k: v for k, v in kwargs.items() if k != "num_items_in_batch"}))
+        self.num_items = None if n is None else int(n)
+
+    def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not (self.active and module.training):
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().double()
+            self.loss = loss if self.loss is None else self.loss + loss
+
+
+class _BackgroundWriter:
+    """One writer thread, a bounded queue (back-pressure), errors re-raised on the caller."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="aftune-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job()
+            except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+                self.error = e
+            finally:
+                self._queue.task_done()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RecorderError("write_failed", f"recording stopped: {self.error}") from self.error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_if_failed()
+        self._queue.put(job)
+
+    def flush(self) -> None:
+        self._queue.join()
+        self.raise_if_failed()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+class AuditCallback(TrainerCallback):
+    """Record a Trainer run into an aftune trace that a client can later verify.
+
+    Args:
+        contract: the agreed job (a :class:`~aftune_hf.contract.Contract` or a YAML path).
+        trace_dir: where the trace is written; resuming the Trainer resumes the trace.
+        queue_size: pending background writes before a step waits (back-pressure).
+        check_base_model: hash the live base weights against the contract at train begin.
+
+    Example:
+        >>> trainer = Trainer(..., callbacks=[AuditCallback("contract.yaml", "runs/trace")])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        contract: Contract | str | Path,
+        trace_dir: str | Path,
+        *,
+        queue_size: int = 2,
+        check_base_model: bool = True,
+    ) -> None:
+        self.contract = contract if isinstance(contract, Contract) else load_contract(contract)
+        self.trace_dir = Path(trace_dir)
+        self.queue_size = queue_size
+        self.check_base_model = check_base_model
+        self.capture = StepCapture()
+        self.writer: TraceWriter | None = None
+        self._bg: _BackgroundWriter | None = None
+        self._lr: float = math.nan
+        self._grad_norm: float | None = None
+        self.root: dict[str, Any] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                       train_dataloader=None, **kwargs):  # fmt: skip
+        with self._abort_on_error():
+            self._begin(args, state, model, optimizer, lr_scheduler, train_dataloader)
+
+    def _begin(self, args, state, model, optimizer, lr_scheduler, train_dataloader) -> None:
+        if args.world_size > 1:
+            raise RecorderError("unsupported", "multi-process recording is not supported yet")
+        chain = self.trace_dir / "chain.jsonl"
+        started = chain.exists() and chain.stat().st_size > 0
+        if started and (self.trace_dir / "root.json").exists() and state.global_step == 0:
+            raise RecorderError(
+                "trace_exists", "this trace is finished; record a new run into a new directory", path=str(self.trace_dir)
+            )
+        resumed = state.global_step > 0 or started  # a restart from scratch resumes at step 0
+        diffs = contract_differences(
+            self.contract, args, model, train_dataloader,
+            check_base=self.check_base_model and (state.global_step == 0 or self.contract.is_peft),
+        )  # fmt: skip
+        if diffs:
+            raise ContractViolationError(
+                "contract_mismatch", "refusing to record; the run differs from the contract:\n  " + "\n  ".join(diffs)
+            )
+        params = trainable_params(model)
+        if resumed:
+            self.writer = self._resume_writer(state.global_step, params)
+        else:
+            self.writer = self._fresh_writer(params)
+            anchor = make_anchor(0, model, optimizer, lr_scheduler, state)
+            a0 = self.writer.write_anchor(anchor)
+            self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
+        self._bg = _BackgroundWriter(self.queue_size)
+        self.capture.install(unwrap(model))
+
+    def _fresh_writer(self, params: dict[str, torch.Tensor]) -> TraceWriter:
+        if self.trace_dir.exists() and any(self.trace_dir.iterdir()):
+            TraceWriter.resume(self.trace_dir).close()  # take the lock, clean a crash before step 0
+            for p in sorted(self.trace_dir.rglob("*"), reverse=True):
+                p.unlink() if p.is_file() else p.rmdir()
+        return TraceWriter.create(
+            self.trace_dir, contract_digest=self.contract.digest(), contract=self.contract.canonical(),
+            schema=schema_of(params),
+        )  # fmt: skip
+
+    def _resume_writer(self, step: int, params: dict[str, torch.Tensor]) -> TraceWriter:
+        writer = TraceWriter.resume(self.trace_dir)
+        if writer.header["contract_digest"] != self.contract.digest_hex():
+            writer.close()
+            raise ContractViolationError("contract_mismatch", "the trace was recorded under another contract")
+        writer.truncate_after(step)
+        if writer.record_for(step)["state"] != D.state_digest(params).hex():
+            writer.close()
+            raise RecorderError(
+                "resume_mismatch", "the weights resumed from are not the committed state of that step", step=step
+            )
+        writer.append(R.resume_record(step=step, reason="trainer resumed from checkpoint"))
+        logger.info("aftune: resumed trace at step %d", step)
+        return writer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        with self._abort_on_error():
+            self._check_bg()
+        self.capture.begin()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in trainable_params(model).values() if p.grad is not None]
+        self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._lr = float(optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        with self._abort_on_error():
+            self._step_end(state, control, model, optimizer, lr_scheduler)
+
+    def _step_end(self, state, control, model, optimizer, lr_scheduler) -> None:
+        step = state.global_step
+        batches, num_items, loss = self.capture.end()
+        if not batches:
+            raise RecorderError("capture_failed", "no training forward pass was captured", step=step)
+        params = trainable_params(model)
+        state_digest = D.state_digest(params)
+        audit, last = self.contract.audit, step == self.contract.training.max_steps
+        anchor = make_anchor(step, model, optimizer, lr_scheduler, state) if step % audit.anchor_every == 0 or last else None
+        checkpoint = snapshot(params) if step % audit.checkpoint_every == 0 or last else None
+        fields = dict(step=step, batches=[batches], num_items=num_items, loss=loss, lr=self._lr,
+                      grad_norm=self._grad_norm, state=state_digest, checkpoint=checkpoint is not None)  # fmt: skip
+        self._bg.submit(lambda: self._commit(fields, checkpoint, anchor))
+        if control.should_save or last:
+            self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain
+
+    def _commit(self, fields: dict[str, Any], checkpoint: dict | None, anchor: Anchor | None) -> None:
+        if checkpoint is not None:
+            self.writer.write_checkpoint(fields["step"], checkpoint)
+        digest = self.writer.write_anchor(anchor) if anchor is not None else None
+        self.writer.append(R.step_record(**fields, anchor=digest))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.capture.remove()
+        if self._bg is None or self.writer is None:
+            return
+        try:
+            self._bg.flush()
+        finally:
+            self._bg.close()
+            self._bg = None
+        if state.global_step == self.contract.training.max_steps:
+            final = D.state_digest(trainable_params(model))
+            fields = {"format_version": 1, "contract_digest": self.writer.header["contract_digest"],
+                      "num_steps": state.global_step, "num_records": len(self.writer.entries),
+                      "chain_head": self.writer.entries[-1].chain.hex(), "final_state": final.hex()}  # fmt: skip
+            self.root = self.writer.finalize(render_card(self.writer.header, fields), final)
+            logger.info("aftune: trace %s finalized, root %s", self.trace_dir, self.root["trace_root"])
+        else:
+            self.writer.close()
+            logger.warning("aftune: training stopped at step %d of %d; trace left open for resume",
+                           state.global_step, self.contract.training.max_steps)  # fmt: skip
+
+    def _check_bg(self) -> None:
+        if self._bg is not None:
+            self._bg.raise_if_failed()
+
+    @contextlib.contextmanager
+    def _abort_on_error(self):
+        """Fail closed: on any error stop capturing, stop the writer, release the trace lock."""
+        try:
+            yield
+        except BaseException:
+            self.capture.remove()
+            if self._bg is not None:
+                self._bg.close()
+                self._bg = None
+            if self.writer is not None:
+                self.writer.close()
+            raise
