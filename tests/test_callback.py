@@ -199,3 +199,29 @@ def test_sigkill_then_resume_keeps_the_chain_whole(write_contract, tmp_path, see
     reader = TraceReader(tmp_path / "t")
     assert D.state_digest(reader.checkpoint(8)).hex() == integrity.root["final_state"]
     assert checkpoint_path(8) in integrity.root["files"]
+
+
+def test_works_unchanged_with_trl_sft_trainer(write_contract, tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from aftune_hf.recipes.causal_lm import PROMPT, load_rows
+
+    contract = load_contract(write_contract(training={"max_steps": 3}))
+    parts = build(contract, str(tmp_path / "o"))
+    rows = load_rows(contract.resolve(contract.dataset.path))
+    ds = Dataset.from_list([{"prompt": PROMPT.format(instruction=r["instruction"]), "completion": r["response"]} for r in rows])
+    cfg = trl.SFTConfig(output_dir=str(tmp_path / "o"), **contract.training_arguments_kwargs(), report_to="none",
+                        max_length=96, pad_to_multiple_of=8, disable_tqdm=True)  # fmt: skip
+    trainer = trl.SFTTrainer(model=parts.model, args=cfg, train_dataset=ds, processing_class=parts.processing_class,
+                             callbacks=[AuditCallback(contract, tmp_path / "t")])  # fmt: skip
+    trainer.train()
+    integrity = TraceReader(tmp_path / "t").check_integrity()
+    assert integrity.num_steps == 3
+    assert all(len(r["batches"][0]) == 2 for s, r in integrity.steps().items() if s > 0)
+
+
+def test_bf16_autocast_run_is_recorded(write_contract, tmp_path):
+    path = write_contract(training={"max_steps": 3, "precision": "bf16"})
+    trainer, cb, trace = record(path, tmp_path)
+    assert trainer.args.bf16 and TraceReader(trace).check_integrity().num_steps == 3

@@ -139,7 +139,7 @@ def build(contract: Contract, output_dir: str, **training_overrides: Any) -> Rec
     args = TrainingArguments(
         output_dir=output_dir,
         **fixed,
-        **{"report_to": "none", "save_strategy": "no", "logging_steps": 1,
+        **{"report_to": "none", "save_strategy": "no", "logging_steps": 1, "use_cpu": not torch.cuda.is_available(),
            "dataloader_num_workers": 0, **training_overrides},
     )  # fmt: skip
     return Recipe(model, args, dataset, collator, tokenizer)

@@ -1,0 +1,127 @@
+"""Recording overhead: Trainer step time with vs without AuditCallback, measured side by side.
+
+    python scripts/bench_record.py [--hidden 512 --layers 6 --steps 12 --rounds 3]
+
+Builds a Llama-style base model large enough that one optimizer step takes >= 0.5 s on a
+2-core CPU, then alternates plain and audited runs of the same contract (LoRA and full
+fine-tune) and prints the median step time of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import transformers
+import yaml
+
+from aftune_hf import AuditCallback
+from aftune_hf.artifacts import dataset_digest
+from aftune_hf.contract import load_contract
+from aftune_hf.recipes.causal_lm import DEFAULT_DATASET, build, make_base_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepTimer(transformers.TrainerCallback):
+    """Wall time between consecutive step starts (includes every callback's on_step_end)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.starts.append(time.perf_counter())
+
+    def durations(self, skip: int) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])][skip:]
+
+
+class OnThread:
+    """Time spent on the training thread inside AuditCallback's hooks and events."""
+
+    total = 0.0
+    names = ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
+
+    @classmethod
+    def install(cls) -> None:
+        from aftune_hf.callback import AuditCallback, StepCapture
+
+        for owner, names in ((AuditCallback, cls.names[1:]), (StepCapture, ("_pre", "_post"))):
+            for name in names:
+                setattr(owner, name, cls._timed(getattr(owner, name)))
+
+    @classmethod
+    def _timed(cls, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.total += time.perf_counter() - t
+
+        return wrapper
+
+
+def run(contract_path: Path, work: Path, audited: bool, skip: int) -> list[float]:
+    contract = load_contract(contract_path)
+    parts = build(contract, str(work / "out"), disable_tqdm=True, logging_steps=1000)
+    timer = StepTimer()
+    callbacks = [timer]
+    trace = work / "trace"
+    shutil.rmtree(trace, ignore_errors=True)
+    if audited:
+        callbacks.append(AuditCallback(contract, trace))
+    transformers.Trainer(**parts.trainer_kwargs(), callbacks=callbacks).train()
+    return timer.durations(skip)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
+    a = ap.parse_args()
+    transformers.logging.set_verbosity_error()
+    OnThread.install()
+    work = Path(tempfile.mkdtemp(prefix="aftune-bench-"))
+    base = work / "base"
+    digest = make_base_model(base, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
+                             num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    results = {}
+    for kind in ("tiny-lora", "tiny-full"):
+        data = yaml.safe_load((REPO / "configs" / f"{kind}.yaml").read_text())
+        data["base_model"] = {"path": str(base), "digest": digest}
+        data["dataset"] = {"path": str(DEFAULT_DATASET), "digest": dataset_digest(DEFAULT_DATASET).hex()}
+        data["training"]["max_steps"] = a.steps
+        if kind == "tiny-full":
+            data["audit"].update(anchor_every=8, checkpoint_every=4)
+        path = work / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        plain, audited = [], []
+        OnThread.total = 0.0
+        for _ in range(a.rounds):  # interleaved, so drift hits both sides alike
+            plain += run(path, work, False, a.skip)
+            audited += run(path, work, True, a.skip)
+        mp, ma = statistics.median(plain), statistics.median(audited)
+        on_thread = OnThread.total / (a.rounds * a.steps)
+        results[kind] = (mp, ma)
+        print(f"{kind:10} plain {mp:.3f} s/step  audited {ma:.3f} s/step  ratio {ma / mp:.3f}  "
+              f"callback on the training thread {1000 * on_thread:.1f} ms/step = {on_thread / mp:.1%} of a step  "
+              f"(n={len(plain)}+{len(audited)} steps, audit policy {data['audit']})", flush=True)  # fmt: skip
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(base).parameters())
+    print(f"model: hidden {a.hidden}, {a.layers} layers, {params / 1e6:.1f} M parameters")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
