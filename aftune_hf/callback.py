@@ -130,7 +130,41 @@ class _BackgroundWriter:
         self._thread.join()
 
 
-class AuditCallback(TrainerCallback):
+class StepObserver(TrainerCallback):
+    """Observe every optimizer step of a Trainer: micro-batches, loss, lr applied, grad norm, state.
+
+    The recorder (:class:`AuditCallback`) commits what it observes; the verifier's replay
+    observes the same way and compares.
+    """
+
+    def __init__(self) -> None:
+        self.capture = StepCapture()
+        self._lr: float = math.nan
+        self._grad_norm: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.capture.begin()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in trainable_params(model).values() if p.grad is not None]
+        self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._lr = float(optimizer.param_groups[0]["lr"])
+
+    def observe(self, state: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The step's record fields (all but ``checkpoint``/``anchor``) and the live trainable tensors."""
+        step = state.global_step
+        batches, num_items, loss = self.capture.end()
+        if not batches:
+            raise RecorderError("capture_failed", "no training forward pass was captured", step=step)
+        params = trainable_params(model)
+        fields = dict(step=step, batches=[batches], num_items=num_items, loss=loss, lr=self._lr,
+                      grad_norm=self._grad_norm, state=D.state_digest(params))  # fmt: skip
+        return fields, params
+
+
+class AuditCallback(StepObserver):
     """Record a Trainer run into an aftune trace that a client can later verify.
 
     Args:
@@ -151,15 +185,13 @@ class AuditCallback(TrainerCallback):
         queue_size: int = 2,
         check_base_model: bool = True,
     ) -> None:
+        super().__init__()
         self.contract = contract if isinstance(contract, Contract) else load_contract(contract)
         self.trace_dir = Path(trace_dir)
         self.queue_size = queue_size
         self.check_base_model = check_base_model
-        self.capture = StepCapture()
         self.writer: TraceWriter | None = None
         self._bg: _BackgroundWriter | None = None
-        self._lr: float = math.nan
-        self._grad_norm: float | None = None
         self.root: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -226,31 +258,19 @@ class AuditCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         with self._abort_on_error():
             self._check_bg()
-        self.capture.begin()
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in trainable_params(model).values() if p.grad is not None]
-        self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self._lr = float(optimizer.param_groups[0]["lr"])
+        super().on_step_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         with self._abort_on_error():
             self._step_end(state, control, model, optimizer, lr_scheduler)
 
     def _step_end(self, state, control, model, optimizer, lr_scheduler) -> None:
-        step = state.global_step
-        batches, num_items, loss = self.capture.end()
-        if not batches:
-            raise RecorderError("capture_failed", "no training forward pass was captured", step=step)
-        params = trainable_params(model)
-        state_digest = D.state_digest(params)
+        fields, params = self.observe(state, model)
+        step = fields["step"]
         audit, last = self.contract.audit, step == self.contract.training.max_steps
         anchor = make_anchor(step, model, optimizer, lr_scheduler, state) if step % audit.anchor_every == 0 or last else None
         checkpoint = snapshot(params) if step % audit.checkpoint_every == 0 or last else None
-        fields = dict(step=step, batches=[batches], num_items=num_items, loss=loss, lr=self._lr,
-                      grad_norm=self._grad_norm, state=state_digest, checkpoint=checkpoint is not None)  # fmt: skip
+        fields["checkpoint"] = checkpoint is not None
         self._bg.submit(lambda: self._commit(fields, checkpoint, anchor))
         if control.should_save or last:
             self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain

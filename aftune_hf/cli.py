@@ -2,6 +2,8 @@
 
     aftune contract FILE          validate a contract, print its digest
     aftune inspect TRACE          check a trace's integrity and summarise it
+    aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
+    aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
 
 Exit codes: 0 success, 1 the trace failed a check (provider fault), 2 usage or
 environment error. Set ``AFTUNE_DEBUG=1`` for tracebacks.
@@ -66,6 +68,37 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_trace
+
+    if not os.path.isdir(args.trace):
+        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    if args.nonce is not None:
+        try:
+            bytes.fromhex(args.nonce)
+        except ValueError:
+            raise ConfigError("invalid_nonce", "the nonce must be hex") from None
+    log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
+    report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log)
+    if args.report:
+        report.write(args.report)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        if args.nonce is None:
+            print(f"drew nonce {report.nonce} (pass --nonce to repeat this audit)")
+        print(report.summary())
+    return report.exit_code
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    result = calibrate(args.trace, args.contract, windows=args.windows, safety=args.safety)
+    print(json.dumps(result, indent=2) if args.json else result["summary"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aftune", description="Auditable fine-tuning for the Hugging Face stack.")
     parser.add_argument("--version", action="version", version=f"aftune_hf {__version__}")
@@ -79,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("verify", help="verify a trace against your contract (structure, data, re-executed windows)")
+    p.add_argument("trace")
+    p.add_argument("--contract", required=True, help="your own copy of the contract")
+    p.add_argument("--nonce", help="challenge nonce (hex); drawn at random and printed when absent")
+    p.add_argument("--windows", type=int, help="windows to re-execute (default: the contract's audit.windows)")
+    p.add_argument("--model", help="the weights or adapter you received; must equal the trace's final state")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=_verify)
+    p = sub.add_parser("calibrate", help="measure honest replay noise here against a trace recorded elsewhere")
+    p.add_argument("trace")
+    p.add_argument("--contract", required=True)
+    p.add_argument("--windows", type=int, help="windows to replay (default: all)")
+    p.add_argument("--safety", type=float, default=10.0, help="threshold = safety x largest honest distance")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_calibrate)
     return parser
 
 

@@ -1,0 +1,188 @@
+"""Re-execute a step window through the Trainer itself; return measurements, no verdicts.
+
+The client's recipe builds a fresh Trainer from the client's contract and dataset. For a
+window ``(start, end]`` with ``start > 0`` the anchor at ``start`` (already parsed by the strict
+reader: safetensors + JSON) is materialised as a private Trainer checkpoint written by this
+process (``optimizer.pt`` etc. are *our* serialisations of decoded tensors; nothing from the
+trace is unpickled), the Trainer resumes from it with ``resume_from_checkpoint`` and is stopped
+after step ``end`` through ``control.should_training_stop`` -- ``max_steps`` is unchanged, so
+the LR schedule is the original one. A :class:`ReplayObserver` observes each step exactly as
+the recorder did.
+
+Example:
+    >>> steps = replay_window(contract, 4, 8, reader.anchor(4, schema), workdir)   # doctest: +SKIP
+    >>> [s.fields["step"] for s in steps]                                          # doctest: +SKIP
+    [5, 6, 7, 8]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import digest as D
+from .callback import StepObserver
+from .contract import Contract, Recipe, load_recipe
+from .errors import ReplayMismatchError
+from .live import snapshot, trainable_params, unwrap
+from .statecodec import optimizer_param_names
+from .trace import Anchor, check_schema, schema_of
+
+
+@dataclass(frozen=True)
+class ReplayedStep:
+    """What one re-executed step produced: record fields (as the recorder makes them) and tensors."""
+
+    fields: dict[str, Any]
+    params: dict[str, torch.Tensor] | None
+
+
+class ReplayObserver(StepObserver):
+    """Observe steps ``start+1 .. end``, then stop the Trainer."""
+
+    def __init__(self, end: int, keep_params: bool) -> None:
+        super().__init__()
+        self.end = end
+        self.keep_params = keep_params
+        self.steps: list[ReplayedStep] = []
+        self.initial_state: bytes | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial_state = D.state_digest(trainable_params(model))
+        self.capture.install(unwrap(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        fields, params = self.observe(state, model)
+        self.steps.append(ReplayedStep(fields, snapshot(params) if self.keep_params else None))
+        if state.global_step >= self.end:
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.capture.remove()
+
+
+def build_recipe(contract: Contract, output_dir: Path) -> Recipe:
+    """The client's recipe, with the Trainer kept quiet and from saving anything."""
+    return load_recipe(contract)(
+        contract, str(output_dir), save_strategy="no", disable_tqdm=True, logging_strategy="no", report_to="none"
+    )
+
+
+def initial_state(contract: Contract, workdir: Path) -> tuple[bytes, dict[str, tuple[str, tuple[int, ...]]]]:
+    """Digest and schema of the trainable tensors the recipe starts from (before step 1)."""
+    params = trainable_params(build_recipe(contract, workdir).model)
+    return D.state_digest(params), schema_of(params)
+
+
+def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
+    """Write a Trainer ``checkpoint-N`` directory from a parsed anchor (our own files only)."""
+    model = unwrap(trainer.model)
+    params = trainable_params(model)
+    check_schema(anchor.params, schema_of(params), path=f"anchors/step-{anchor.step:08d}/params.safetensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(anchor.params[name])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(ckpt)
+    trainer.create_optimizer()
+    names = optimizer_param_names(getattr(trainer.optimizer, "optimizer", trainer.optimizer), model)
+    groups = anchor.meta["optimizer"].get("param_groups") if isinstance(anchor.meta.get("optimizer"), dict) else None
+    recorded = [n for g in groups or [] if isinstance(g, dict) for n in g.get("params", [])]
+    if recorded != names:
+        raise ReplayMismatchError("optimizer_mismatch", "anchor optimizer groups differ from the recipe's", step=anchor.step)
+    torch.save(anchor.optimizer_state_dict(), ckpt / "optimizer.pt")
+    torch.save(anchor.scheduler_state(), ckpt / "scheduler.pt")
+    torch.save(anchor.rng_state(), ckpt / "rng_state.pth")
+    (ckpt / "trainer_state.json").write_text(json.dumps(anchor.trainer_state()), encoding="utf-8")
+
+
+def replay_window(
+    contract: Contract,
+    start: int,
+    end: int,
+    anchor: Anchor | None,
+    workdir: Path,
+    *,
+    keep_params: bool = False,
+) -> tuple[bytes, list[ReplayedStep]]:
+    """Re-execute steps ``start+1 .. end``; return the state digest it started from and the steps.
+
+    ``anchor`` is required for ``start > 0``; ``start == 0`` trains from the recipe's initial state.
+    """
+    import transformers
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    parts = build_recipe(contract, workdir / "out")
+    observer = ReplayObserver(end, keep_params)
+    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[observer])
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    resume = None
+    if start > 0:
+        if anchor is None:
+            raise ValueError("a window starting after step 0 needs its anchor")
+        resume = workdir / f"checkpoint-{start}"
+        materialize_checkpoint(trainer, anchor, resume)
+    with _quiet():
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if observer.initial_state is None:  # pragma: no cover - Trainer always calls on_train_begin
+        raise RuntimeError("the Trainer did not start")
+    return observer.initial_state, observer.steps
+
+
+class _quiet:
+    """Silence transformers' info logging during a replay."""
+
+    def __enter__(self) -> None:
+        import transformers
+
+        self._level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc: Any) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity(self._level)
+
+
+def iter_data_steps(contract: Contract, workdir: Path) -> Iterator[tuple[int, list[bytes], int | None]]:
+    """Yield ``(step, micro-batch digests, num_items)`` for every step, from the data pipeline only.
+
+    Uses the Trainer's own dataloader, epoch seeding and ``get_batch_samples`` grouping
+    (gradient accumulation, short last step of an epoch) -- no model forward pass.
+    """
+    import transformers
+
+    parts = build_recipe(contract, workdir / "data")
+    trainer = transformers.Trainer(**parts.trainer_kwargs())
+    loader = trainer.get_train_dataloader()
+    (epochs, per_epoch, _, _, _, steps_in_epoch, max_steps) = trainer.set_initial_training_values(trainer.args, loader)
+    ga = trainer.args.gradient_accumulation_steps
+    step = 0
+    for epoch in range(int(epochs)):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        iterator = iter(loader)
+        remainder = steps_in_epoch % ga or ga
+        for update in range(per_epoch):
+            if step >= max_steps:
+                return
+            n = ga if update != per_epoch - 1 else remainder
+            batches, num_items = trainer.get_batch_samples(iterator, n, trainer.args.device)
+            step += 1
+            yield step, [D.batch_digest(b) for b in batches], None if num_items is None else int(num_items)
+
+
+def sanitized_env() -> dict[str, str]:
+    """The environment without the variables that make a Trainer join a process group."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID"}  # fmt: skip
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+

@@ -1,0 +1,166 @@
+"""What a verification produces: frozen result types, JSON in and out, and a text summary.
+
+Example:
+    >>> report = verify_trace("runs/trace", "contract.yaml", nonce="00ff")   # doctest: +SKIP
+    >>> report.verdict, report.exit_code                                     # doctest: +SKIP
+    ('PASS', 0)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .digest import detection_probability
+from .safeio import atomic_write_bytes
+
+PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One reason for a FAIL: which check, which step, what was wrong."""
+
+    check: str  # structure | data | replay | model
+    code: str
+    reason: str
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """A re-executed step compared with its commitment."""
+
+    step: int
+    ok: bool
+    state_equal: bool
+    distance: float | None = None  # relative L2 of replayed vs recorded trainable tensors
+    max_abs: float | None = None
+    loss_diff: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One challenged window ``(start, end]``."""
+
+    index: int
+    start: int
+    end: int
+    ok: bool
+    seconds: float
+    steps: tuple[StepCheck, ...] = ()
+    failure: str = ""
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """The all-steps data check: every micro-batch digest re-derived from the client's data."""
+
+    steps_checked: int
+    mismatched_steps: tuple[int, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How likely the challenge catches a provider who falsified a fraction of windows."""
+
+    windows_total: int
+    windows_checked: int
+    by_fraction: dict[str, float] = field(default_factory=dict)
+    min_fraction_99: float = 1.0
+
+    @classmethod
+    def compute(cls, n: int, k: int) -> Detection:
+        """Conservative: the provider knows the first and last windows are always checked and
+        falsifies only middle windows, of which ``k - 2`` of ``n - 2`` are sampled uniformly."""
+        always = min(2, n)
+        mid_n, mid_k = n - always, max(0, k - always)
+
+        def p(f: float) -> float:
+            if mid_n == 0:
+                return 1.0
+            bad = max(1, round(f * n))
+            return detection_probability(mid_n, mid_k, min(bad, mid_n))
+
+        by = {f"{f:.2f}": p(f) for f in (0.01, 0.05, 0.10)}
+        min_f = next((b / n for b in range(1, n + 1) if p(b / n) >= 0.99), 1.0) if n else 1.0
+        return cls(n, k, by, min_f)
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """The verdict and everything that supports it. ``verdict`` is PASS, FAIL or ERROR."""
+
+    verdict: str
+    contract_digest: str
+    mode: str
+    trace_root: str | None = None
+    nonce: str | None = None
+    seed: str | None = None
+    num_steps: int = 0
+    windows: tuple[WindowResult, ...] = ()
+    data_check: DataCheck | None = None
+    detection: Detection | None = None
+    failures: tuple[Failure, ...] = ()
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == PASS
+
+    @property
+    def exit_code(self) -> int:
+        return {PASS: 0, FAIL: 1}.get(self.verdict, 2)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: str | Path) -> None:
+        """Write the report as JSON, atomically."""
+        atomic_write_bytes(path, json.dumps(self.to_json(), indent=2, sort_keys=True).encode())
+
+    def summary(self) -> str:
+        """A human-readable summary, verdict first."""
+        lines = [f"{self.verdict}  trace {self.trace_root or '?'}  ({self.mode} mode, {self.num_steps} steps)"]
+        if self.error:
+            lines.append(f"  error: {self.error}")
+        for f in self.failures[:20]:
+            where = f" step {f.step}" if f.step is not None else ""
+            lines.append(f"  FAIL [{f.check}]{where}: {f.code}: {f.reason}")
+        if self.data_check:
+            d = self.data_check
+            lines.append(f"  data check: {d.steps_checked} steps, {len(d.mismatched_steps)} mismatched, {d.seconds:.1f} s")
+        for w in self.windows:
+            dist = [s.distance for s in w.steps if s.distance is not None]
+            extra = f", max distance {max(dist):.2e}" if dist else ""
+            lines.append(f"  window {w.index} steps {w.start + 1}-{w.end}: {'ok' if w.ok else 'FAIL'} ({w.seconds:.1f} s{extra})")
+        if self.detection:
+            d = self.detection
+            probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())
+            lines.append(f"  detection ({d.windows_checked}/{d.windows_total} windows): {probs}; "
+                         f">=99% for f >= {d.min_fraction_99:.1%}")  # fmt: skip
+        if self.nonce:
+            lines.append(f"  nonce {self.nonce}")
+        return "\n".join(lines)
+
+
+def report_from_json(data: dict[str, Any]) -> VerificationReport:
+    """Rebuild a report from :meth:`VerificationReport.to_json` output."""
+    windows = tuple(
+        WindowResult(**{**w, "steps": tuple(StepCheck(**s) for s in w["steps"])}) for w in data.get("windows", [])
+    )
+    return VerificationReport(
+        **{
+            **data,
+            "windows": windows,
+            "data_check": DataCheck(**{**data["data_check"], "mismatched_steps": tuple(data["data_check"]["mismatched_steps"])})
+            if data.get("data_check") else None,
+            "detection": Detection(**data["detection"]) if data.get("detection") else None,
+            "failures": tuple(Failure(**f) for f in data.get("failures", [])),
+        }
+    )  # fmt: skip

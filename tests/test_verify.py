@@ -1,0 +1,269 @@
+"""The verifier: honest traces PASS; cheats inside training FAIL at the right step; edits FAIL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from aftune_hf import AuditCallback
+from aftune_hf import digest as D
+from aftune_hf.contract import load_contract
+from aftune_hf.recipes.causal_lm import build
+from aftune_hf.report import report_from_json
+from aftune_hf.trace import CHAIN, anchor_path, checkpoint_path
+from aftune_hf.verify import make_challenge, verify_trace, window_bounds
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+STEPS, ANCHOR = 8, 2  # four windows: (0,2] (2,4] (4,6] (6,8]
+
+
+class Cheat(transformers.TrainerCallback):
+    """A provider cheating inside training; the recorder then commits the cheated run faithfully."""
+
+    def __init__(self, kind: str, step: int) -> None:
+        self.kind, self.step, self._saved = kind, step, None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        if state.global_step + 1 != self.step:
+            return
+        if self.kind == "skip_update":
+            for p in model.parameters():
+                p.grad = None
+        if self.kind == "lr":
+            self._saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] *= 0.5
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        if self._saved is not None:  # put the honest lr back before the recorder reads it
+            for g, lr in zip(optimizer.param_groups, self._saved):
+                g["lr"] = lr
+            self._saved = None
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.kind == "nudge" and state.global_step == self.step:
+            with torch.no_grad():
+                p = next(p for p in model.parameters() if p.requires_grad)
+                p.add_(1e-4)
+
+
+class SwapTrainer(transformers.Trainer):
+    """Trains the micro-batches of steps ``a`` and ``a+1`` in swapped order."""
+
+    swap_at = 5
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        step = self.state.global_step + 1
+        if step == self.swap_at:
+            first = super().get_batch_samples(epoch_iterator, num_batches, device)
+            second = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self._held = first
+            return second
+        if step == self.swap_at + 1:
+            return self._held
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+def record(path, out, *, cheat=None, trainer_cls=transformers.Trainer, dataset_fn=None):
+    contract = load_contract(path)
+    parts = build(contract, str(out / "trainer"), disable_tqdm=True, logging_steps=1000)
+    kwargs = parts.trainer_kwargs()
+    if dataset_fn:
+        kwargs["train_dataset"] = dataset_fn(kwargs["train_dataset"])
+    callbacks = ([cheat] if cheat else []) + [AuditCallback(contract, out / "trace")]
+    trainer = trainer_cls(**kwargs, callbacks=callbacks)
+    trainer.train()
+    return out / "trace", trainer
+
+
+@pytest.fixture(scope="module")
+def contracts(tmp_path_factory, base_model_dir):
+    import yaml
+
+    from tests.conftest import CONFIGS, DATASET
+
+    out = {}
+    d = tmp_path_factory.mktemp("contracts")
+    for name in ("tiny-lora", "tiny-full"):
+        data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        data["base_model"]["path"] = str(base_model_dir)
+        data["dataset"]["path"] = str(DATASET)
+        data["training"]["max_steps"] = STEPS
+        data["audit"].update(anchor_every=ANCHOR, windows=4)
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        out[name] = d / f"{name}.yaml"
+    return out
+
+
+@pytest.fixture(scope="module")
+def honest(contracts, tmp_path_factory):
+    return {name: record(path, tmp_path_factory.mktemp(name))[0] for name, path in contracts.items()}
+
+
+def fresh_copy(trace, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(trace, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["tiny-lora", "tiny-full"])
+def test_honest_trace_passes_exact_mode(honest, contracts, name, tmp_path):
+    report = verify_trace(honest[name], contracts[name], nonce="01")
+    assert report.verdict == "PASS", report.summary()
+    assert [w.index for w in report.windows] == [0, 1, 2, 3]
+    assert all(c.ok and c.state_equal for w in report.windows for c in w.steps)
+    assert report.data_check.steps_checked == STEPS and not report.data_check.mismatched_steps
+    # the delivered model must equal the final state
+    final = fresh_copy(honest[name], tmp_path)
+    report = verify_trace(final, contracts[name], nonce="01", windows=2, model=final / checkpoint_path(STEPS))
+    assert report.verdict == "PASS", report.summary()
+
+
+def test_delivered_model_other_than_audited_fails(honest, contracts, tmp_path):
+    t = safetensors.torch.load_file(honest["tiny-lora"] / checkpoint_path(STEPS - 1))
+    safetensors.torch.save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="01", model=tmp_path)
+    assert report.verdict == "FAIL" and report.failures[0].code == "model_mismatch"
+
+
+def test_peft_saved_adapter_is_accepted_as_delivered_model(honest, contracts, tmp_path):
+    """What a provider actually hands over: PeftModel.save_pretrained of the final adapter."""
+    contract = load_contract(contracts["tiny-lora"])
+    parts = build(contract, str(tmp_path / "o"))
+    final = safetensors.torch.load_file(honest["tiny-lora"] / checkpoint_path(STEPS))
+    with torch.no_grad():
+        for n, p in parts.model.named_parameters():
+            if p.requires_grad:
+                p.copy_(final[n])
+    parts.model.save_pretrained(tmp_path / "delivered")
+    report = verify_trace(honest["tiny-lora"], contract, nonce="01", windows=2, model=tmp_path / "delivered")
+    assert report.verdict == "PASS", report.summary()
+
+
+@pytest.mark.parametrize("kind,step", [("skip_update", 3), ("lr", 6), ("nudge", 5)])
+def test_cheat_inside_training_fails_when_challenged(contracts, tmp_path, kind, step):
+    trace, _ = record(contracts["tiny-lora"], tmp_path, cheat=Cheat(kind, step))
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="02")  # all 4 windows challenged
+    assert report.verdict == "FAIL"
+    assert not report.data_check.mismatched_steps  # the data was honest
+    assert report.failures[0].step == step, report.summary()  # the first divergence is the cheated step
+    assert all(f.check == "replay" for f in report.failures)
+    # only the cheated window fails; it diverges exactly at the cheated step
+    bad = [w for w in report.windows if not w.ok]
+    assert len(bad) == 1 and bad[0].start < step <= bad[0].end
+    assert [c.step for c in bad[0].steps if c.ok] == list(range(bad[0].start + 1, step))
+
+
+def test_replaced_batch_fails_data_check_even_unchallenged(contracts, tmp_path):
+    def poison(ds):
+        return ds.map(lambda row, i: {**row, "input_ids": [257] + [65] * (len(row["input_ids"]) - 1)} if i == 7 else row,
+                      with_indices=True)  # fmt: skip
+
+    trace, _ = record(contracts["tiny-lora"], tmp_path, dataset_fn=poison)
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="03", only_windows=())
+    assert report.verdict == "FAIL" and not report.windows
+    assert len(report.data_check.mismatched_steps) == 1
+    poisoned = report.data_check.mismatched_steps[0]
+    full = verify_trace(trace, contracts["tiny-lora"], nonce="03")
+    assert poisoned in {f.step for f in full.failures if f.check == "replay"}
+
+
+def test_swapped_batches_fail_data_check_and_replay(contracts, tmp_path):
+    trace, _ = record(contracts["tiny-lora"], tmp_path, trainer_cls=SwapTrainer)
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="04")
+    assert report.verdict == "FAIL"
+    assert report.data_check.mismatched_steps == (5, 6)
+    assert {f.step for f in report.failures if f.check == "replay"} >= {5}
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "anchor_json", "anchor_params", "chain", "card"])
+def test_post_hoc_edit_fails_structure_even_unchallenged(honest, contracts, tmp_path, target):
+    trace = fresh_copy(honest["tiny-lora"], tmp_path)
+    if target == "checkpoint":
+        f = trace / checkpoint_path(3)
+        t = safetensors.torch.load_file(f)
+        k = sorted(t)[0]
+        t[k] = t[k] * 1.01
+        safetensors.torch.save_file(t, f, metadata={"format": "pt"})
+    elif target == "anchor_json":
+        f = trace / anchor_path(4, "meta")
+        meta = json.loads(f.read_text())
+        meta["trainer_state"]["dict"]["global_step"] = 3
+        f.write_bytes(D.canonical_json(meta))
+    elif target == "anchor_params":
+        f = trace / anchor_path(4, "params")
+        t = safetensors.torch.load_file(f)
+        k = sorted(t)[-1]
+        t[k] = -t[k]
+        safetensors.torch.save_file(t, f, metadata={"format": "pt"})
+    elif target == "chain":
+        lines = (trace / CHAIN).read_text().splitlines(keepends=True)
+        (trace / CHAIN).write_text("".join(lines[:-1]))
+    else:
+        (trace / "README.md").write_text("edited")
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="05", windows=1)
+    assert report.verdict == "FAIL" and report.failures[0].check == "structure", report.summary()
+    assert not report.windows
+
+
+def test_other_contract_fails(honest, contracts, tmp_path):
+    import yaml
+
+    data = yaml.safe_load(contracts["tiny-lora"].read_text())
+    data["training"]["learning_rate"] = 2e-3
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    report = verify_trace(honest["tiny-lora"], other, nonce="06")
+    assert report.verdict == "FAIL" and report.failures[0].code == "contract_mismatch"
+
+
+def test_challenge_is_deterministic_and_nonce_dependent(honest, contracts):
+    c = load_contract(contracts["tiny-lora"])
+    assert window_bounds(c) == ((0, 2), (2, 4), (4, 6), (6, 8))
+    root = bytes(32)
+    a = make_challenge(c, root, b"\x01", 3)
+    assert a == make_challenge(c, root, b"\x01", 3) and a.chosen[0] == 0 and a.chosen[-1] == 3 and len(a.chosen) == 3
+    assert {make_challenge(c, root, bytes([i]), 3).chosen for i in range(20)} == {(0, 1, 3), (0, 2, 3)}
+    r1 = verify_trace(honest["tiny-lora"], c, nonce="aa", windows=3, data_check=False)
+    r2 = verify_trace(honest["tiny-lora"], c, nonce="aa", windows=3, data_check=False)
+    assert [w.index for w in r1.windows] == [w.index for w in r2.windows] and r1.seed == r2.seed
+    assert r1.detection.windows_total == 4 and r1.detection.windows_checked == 3
+
+
+def test_verifier_side_problem_is_error_not_pass(honest, contracts, tmp_path, monkeypatch):
+    import aftune_hf.verify as V
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(V, "replay_window", broken)
+    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="07", windows=2)
+    assert report.verdict == "ERROR" and report.exit_code == 2
+
+
+def test_cli_exit_codes_and_report(honest, contracts, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "aftune_hf", "verify", str(honest["tiny-lora"]), "--contract", str(contracts["tiny-lora"]),
+           "--nonce", "0badc0de", "--windows", "2", "--report", str(tmp_path / "r.json"), "--quiet"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("PASS")
+    report = report_from_json(json.loads((tmp_path / "r.json").read_text()))
+    assert report.verdict == "PASS" and report.nonce == "0badc0de"
+    bad = fresh_copy(honest["tiny-lora"], tmp_path)
+    (bad / checkpoint_path(2)).write_bytes(b"garbage")
+    p = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], capture_output=True, text=True, env=env)
+    assert p.returncode == 1 and p.stdout.startswith("FAIL")
+    p = subprocess.run([*cmd[:4], str(tmp_path / "missing"), *cmd[5:]], capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    p = subprocess.run([sys.executable, "-m", "aftune_hf", "inspect", str(honest["tiny-lora"])], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and "num_steps" in p.stdout
