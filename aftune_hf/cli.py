@@ -79,7 +79,9 @@ def _verify(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError("invalid_nonce", "the nonce must be hex") from None
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
-    report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log)
+    only = None if args.only_windows is None else [int(i) for i in args.only_windows.split(",") if i.strip()]
+    report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
+                          only_windows=only, data_check=not args.no_data_check)  # fmt: skip
     if args.report:
         report.write(args.report)
     if args.json:
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by scripts/verify.py to split work
+    p.add_argument("--no-data-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_verify)
     p = sub.add_parser("calibrate", help="measure honest replay noise here against a trace recorded elsewhere")
     p.add_argument("trace")

@@ -164,3 +164,23 @@ def report_from_json(data: dict[str, Any]) -> VerificationReport:
             "failures": tuple(Failure(**f) for f in data.get("failures", [])),
         }
     )  # fmt: skip
+
+
+def merge_reports(parts: list[VerificationReport]) -> VerificationReport:
+    """Combine reports of the same audit run on disjoint window shards (one per process).
+
+    FAIL if any shard failed; otherwise ERROR if any shard errored; PASS only if all passed.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    verdicts = {p.verdict for p in parts}
+    verdict = FAIL if FAIL in verdicts else ERROR if ERROR in verdicts else PASS
+    windows = tuple(sorted((w for p in parts for w in p.windows), key=lambda w: w.index))
+    failures = tuple(f for p in parts for f in p.failures)
+    errors = [p.error for p in parts if p.error]
+    data = next((p.data_check for p in parts if p.data_check is not None), None)
+    return VerificationReport(
+        verdict, first.contract_digest, first.mode, first.trace_root, first.nonce, first.seed, first.num_steps,
+        windows, data, first.detection, failures, "; ".join(errors) or None, max(p.seconds for p in parts),
+    )  # fmt: skip

@@ -20,57 +20,11 @@ from aftune_hf.recipes.causal_lm import build
 from aftune_hf.report import report_from_json
 from aftune_hf.trace import CHAIN, anchor_path, checkpoint_path
 from aftune_hf.verify import make_challenge, verify_trace, window_bounds
+from scripts.attacks.cheats import Cheat, SwapTrainer
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 STEPS, ANCHOR = 8, 2  # four windows: (0,2] (2,4] (4,6] (6,8]
-
-
-class Cheat(transformers.TrainerCallback):
-    """A provider cheating inside training; the recorder then commits the cheated run faithfully."""
-
-    def __init__(self, kind: str, step: int) -> None:
-        self.kind, self.step, self._saved = kind, step, None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
-        if state.global_step + 1 != self.step:
-            return
-        if self.kind == "skip_update":
-            for p in model.parameters():
-                p.grad = None
-        if self.kind == "lr":
-            self._saved = [g["lr"] for g in optimizer.param_groups]
-            for g in optimizer.param_groups:
-                g["lr"] *= 0.5
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
-        if self._saved is not None:  # put the honest lr back before the recorder reads it
-            for g, lr in zip(optimizer.param_groups, self._saved):
-                g["lr"] = lr
-            self._saved = None
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if self.kind == "nudge" and state.global_step == self.step:
-            with torch.no_grad():
-                p = next(p for p in model.parameters() if p.requires_grad)
-                p.add_(1e-4)
-
-
-class SwapTrainer(transformers.Trainer):
-    """Trains the micro-batches of steps ``a`` and ``a+1`` in swapped order."""
-
-    swap_at = 5
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        step = self.state.global_step + 1
-        if step == self.swap_at:
-            first = super().get_batch_samples(epoch_iterator, num_batches, device)
-            second = super().get_batch_samples(epoch_iterator, num_batches, device)
-            self._held = first
-            return second
-        if step == self.swap_at + 1:
-            return self._held
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
 
 def record(path, out, *, cheat=None, trainer_cls=transformers.Trainer, dataset_fn=None):
@@ -267,3 +221,58 @@ def test_cli_exit_codes_and_report(honest, contracts, tmp_path):
     assert p.returncode == 2
     p = subprocess.run([sys.executable, "-m", "aftune_hf", "inspect", str(honest["tiny-lora"])], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and "num_steps" in p.stdout
+
+
+def _cli(args, **env):
+    e = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "aftune_hf", *map(str, args)], capture_output=True, text=True, env=e)
+
+
+@pytest.fixture(scope="module")
+def tolerance_setup(tmp_path_factory, base_model_dir):
+    import yaml
+
+    from tests.conftest import CONFIGS, DATASET
+
+    d = tmp_path_factory.mktemp("tol")
+    data = yaml.safe_load((CONFIGS / "tiny-lora.yaml").read_text())
+    data["base_model"]["path"], data["dataset"]["path"] = str(base_model_dir), str(DATASET)
+    data["training"]["max_steps"] = STEPS
+    data["audit"].update(anchor_every=ANCHOR, windows=4, mode="tolerance", tolerance=1e-6, checkpoint_every=1)
+    (d / "tol.yaml").write_text(yaml.safe_dump(data))
+    trace, _ = record(d / "tol.yaml", d)
+    return d / "tol.yaml", trace
+
+
+def test_other_kernel_path_fails_exact_but_passes_tolerance(honest, contracts, tolerance_setup):
+    """ATEN_CPU_CAPABILITY=default changes the bits: exact mode rightly reports it, tolerance mode passes."""
+    exact = _cli(["verify", honest["tiny-lora"], "--contract", contracts["tiny-lora"], "--nonce", "08", "--json"],
+                 ATEN_CPU_CAPABILITY="default")  # fmt: skip
+    assert exact.returncode == 1, exact.stderr[-2000:]
+    report = json.loads(exact.stdout)
+    assert any("state digest differs" in f["reason"] for f in report["failures"])
+    contract, trace = tolerance_setup
+    tol = _cli(["verify", trace, "--contract", contract, "--nonce", "08", "--json"], ATEN_CPU_CAPABILITY="default")
+    assert tol.returncode == 0, tol.stdout[-3000:] + tol.stderr[-2000:]
+    report = json.loads(tol.stdout)
+    distances = [s["distance"] for w in report["windows"] for s in w["steps"]]
+    assert len(distances) == STEPS and all(0 <= d <= 1e-6 for d in distances)
+    assert max(distances) > 0  # the kernel path really differed, and the distances are reported
+
+
+def test_tolerance_mode_still_catches_cheats(tolerance_setup, tmp_path):
+    contract, _ = tolerance_setup
+    trace, _ = record(contract, tmp_path, cheat=Cheat("lr", 4, amount=0.9))
+    report = verify_trace(trace, contract, nonce="09")
+    assert report.verdict == "FAIL" and report.failures[0].step == 4, report.summary()
+    step4 = next(c for w in report.windows for c in w.steps if c.step == 4)
+    assert step4.distance > 1e-6
+
+
+def test_calibrate_measures_honest_noise(tolerance_setup):
+    contract, trace = tolerance_setup
+    p = _cli(["calibrate", trace, "--contract", contract, "--json", "--windows", "2"], ATEN_CPU_CAPABILITY="default")
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    assert result["cpu_capability"] == "DEFAULT"
+    assert 0 < result["max"] < 1e-6 and result["proposed_tolerance"] == pytest.approx(10 * result["max"])

@@ -1,0 +1,61 @@
+"""Cheats a provider can commit *inside* training, before the recorder sees anything.
+
+The recorder then commits the cheated run faithfully, so the trace is self-consistent; only
+re-execution (or the data check) can tell. Used by the tests, the tolerance-gap measurement
+and the red-team kit.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+
+class Cheat(transformers.TrainerCallback):
+    """A provider cheating inside training; the recorder then commits the cheated run faithfully."""
+
+    def __init__(self, kind: str, step: int, amount: float | None = None) -> None:
+        """``kind``: ``skip_update`` | ``lr`` (scale the lr by ``amount``, default 0.5) |
+        ``nudge`` (add ``amount``, default 1e-4, to one trainable tensor after the step)."""
+        self.kind, self.step, self._saved = kind, step, None
+        self.amount = amount
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        if state.global_step + 1 != self.step:
+            return
+        if self.kind == "skip_update":
+            for p in model.parameters():
+                p.grad = None
+        if self.kind == "lr":
+            self._saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] *= 0.5 if self.amount is None else self.amount
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        if self._saved is not None:  # put the honest lr back before the recorder reads it
+            for g, lr in zip(optimizer.param_groups, self._saved):
+                g["lr"] = lr
+            self._saved = None
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.kind == "nudge" and state.global_step == self.step:
+            with torch.no_grad():
+                p = next(p for p in model.parameters() if p.requires_grad)
+                p.add_(1e-4 if self.amount is None else self.amount)
+
+
+class SwapTrainer(transformers.Trainer):
+    """Trains the micro-batches of steps ``a`` and ``a+1`` in swapped order."""
+
+    swap_at = 5
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        step = self.state.global_step + 1
+        if step == self.swap_at:
+            first = super().get_batch_samples(epoch_iterator, num_batches, device)
+            second = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self._held = first
+            return second
+        if step == self.swap_at + 1:
+            return self._held
+        return super().get_batch_samples(epoch_iterator, num_batches, device)

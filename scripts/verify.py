@@ -1,0 +1,107 @@
+"""Verify a trace with several processes: ``accelerate launch`` splits the challenged windows.
+
+    # two CPU processes (gloo). Note: `--cpu --num_processes 2` would start only ONE process.
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no scripts/verify.py TRACE --contract FILE \\
+        --nonce HEX [--windows N] [--model PATH] [--report FILE.json] [--num-processes 2]
+
+    # GPUs: accelerate launch --num_processes 8 scripts/verify.py TRACE --contract FILE ...
+
+Every process derives the same windows from (trace root, nonce); each re-executes its share
+in a child process of its own (a replay is a one-process Trainer run and must not join the
+launcher's process group); the main process gathers the shard reports and writes one report.
+Exit codes as ``aftune verify``: 0 PASS, 1 FAIL, 2 ERROR or usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+
+from aftune_hf.contract import load_contract
+from aftune_hf.errors import AftuneError
+from aftune_hf.replay import sanitized_env
+from aftune_hf.report import ERROR, VerificationReport, merge_reports, report_from_json
+from aftune_hf.trace import TraceReader
+from aftune_hf.verify import make_challenge
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--contract", required=True)
+    ap.add_argument("--nonce", help="hex; drawn by the main process when absent")
+    ap.add_argument("--windows", type=int)
+    ap.add_argument("--model")
+    ap.add_argument("--report")
+    ap.add_argument("--num-processes", type=int, help="refuse to run unless exactly this many processes started")
+    return ap.parse_args()
+
+
+def shard_windows(trace: str, contract: str, nonce: str, windows: int | None) -> list[int] | None:
+    """The challenged window indices, or None if the trace does not even parse (main reports it)."""
+    try:
+        root = TraceReader(trace).check_integrity().trace_root
+    except AftuneError:
+        return None
+    return list(make_challenge(load_contract(contract), root, bytes.fromhex(nonce), windows).chosen)
+
+
+def run_shard(a: argparse.Namespace, nonce: str, only: list[int], data_check: bool) -> VerificationReport:
+    cmd = [sys.executable, "-m", "aftune_hf", "verify", a.trace, "--contract", a.contract, "--nonce", nonce,
+           "--json", "--only-windows", ",".join(map(str, only))]  # fmt: skip
+    if a.windows:
+        cmd += ["--windows", str(a.windows)]
+    if a.model and data_check:
+        cmd += ["--model", a.model]
+    if not data_check:
+        cmd.append("--no-data-check")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=sanitized_env())
+    try:
+        return report_from_json(json.loads(p.stdout))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        c = load_contract(a.contract)
+        return VerificationReport(ERROR, c.digest_hex(), c.audit.mode, nonce=nonce, error=p.stderr[-500:])
+
+
+def main() -> int:
+    a = parse()
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched or (a.num_processes and a.num_processes != state.num_processes):
+        print(f"aftune: error: {state.num_processes} process(es) joined, {launched} launched "
+              f"(expected {a.num_processes or launched}); see the docstring for a CPU launch that works",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    nonce = [a.nonce or (os.urandom(16).hex() if state.is_main_process else None)]
+    broadcast_object_list(nonce)
+    chosen = shard_windows(a.trace, a.contract, nonce[0], a.windows)
+    if chosen is None:  # structural failure: the main process reports it
+        mine, data_check = [], state.is_main_process
+    else:
+        with state.split_between_processes(chosen) as part:
+            mine = list(part)
+        data_check = state.is_main_process
+    report = run_shard(a, nonce[0], mine, data_check) if (mine or data_check) else None
+    parts = gather_object([report])  # every process gets every shard: they all exit with the same code
+    merged = merge_reports([r for r in parts if r is not None])
+    if not state.is_main_process:
+        return merged.exit_code
+    if a.report:
+        merged.write(a.report)
+    print(merged.summary())
+    print(f"processes: {state.num_processes}; windows per process: "
+          f"{[len(r.windows) if r else 0 for r in parts]}", flush=True)  # fmt: skip
+    return merged.exit_code
+
+
+if __name__ == "__main__":
+    code = main()
+    PartialState().wait_for_everyone()
+    raise SystemExit(code)

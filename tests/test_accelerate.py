@@ -1,0 +1,62 @@
+"""scripts/verify.py under a real `accelerate launch` with two CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import transformers
+
+from aftune_hf import AuditCallback
+from aftune_hf.contract import load_contract
+from aftune_hf.recipes.causal_lm import build
+from aftune_hf.verify import verify_trace
+from scripts.attacks.cheats import Cheat
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+# `accelerate launch --cpu --num_processes 2` starts ONE process on a CPU box; this starts two.
+LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "verify.py")]  # fmt: skip
+
+
+def _record(contract_path, out, cheat=None):
+    c = load_contract(contract_path)
+    parts = build(c, str(out / "o"), disable_tqdm=True, logging_steps=1000)
+    cbs = ([cheat] if cheat else []) + [AuditCallback(c, out / "trace")]
+    transformers.Trainer(**parts.trainer_kwargs(), callbacks=cbs).train()
+    return out / "trace"
+
+
+def _launch(args, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("cheat", [None, Cheat("nudge", 6)])
+def test_two_processes_give_the_same_verdict_and_windows_as_one(write_contract, tmp_path, cheat):
+    contract = write_contract(training={"max_steps": 8}, audit={"anchor_every": 2, "windows": 3})
+    trace = _record(contract, tmp_path, cheat)
+    p = _launch([trace, "--contract", contract, "--nonce", "5eed", "--num-processes", "2", "--report", tmp_path / "r.json"], tmp_path)
+    multi = json.loads((tmp_path / "r.json").read_text())
+    assert "processes: 2" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    single = verify_trace(trace, contract, nonce="5eed")
+    assert p.returncode == single.exit_code
+    assert multi["verdict"] == single.verdict == ("PASS" if cheat is None else "FAIL")
+    assert [w["index"] for w in multi["windows"]] == [w.index for w in single.windows]
+    assert [(f["check"], f["step"]) for f in multi["failures"]] == [(f.check, f.step) for f in single.failures]
+    assert multi["data_check"]["steps_checked"] == 8
+
+
+def test_world_size_mismatch_is_refused(write_contract, tmp_path):
+    contract = write_contract(training={"max_steps": 2})
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "verify.py"), str(tmp_path), "--contract", str(contract),
+                        "--num-processes", "2"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert p.returncode == 2 and "1 process(es) joined" in p.stderr
