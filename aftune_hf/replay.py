@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class ReplayedStep:
 
     fields: dict[str, Any]
     params: dict[str, torch.Tensor] | None
+    seconds: float = 0.0  # wall time from step begin to step end
 
 
 class ReplayObserver(StepObserver):
@@ -52,6 +54,11 @@ class ReplayObserver(StepObserver):
         self.keep_params = keep_params
         self.steps: list[ReplayedStep] = []
         self.initial_state: bytes | None = None
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+        super().on_step_begin(args, state, control, **kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.initial_state = D.state_digest(trainable_params(model))
@@ -59,7 +66,8 @@ class ReplayObserver(StepObserver):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         fields, params = self.observe(state, model)
-        self.steps.append(ReplayedStep(fields, snapshot(params) if self.keep_params else None))
+        seconds = time.perf_counter() - self._t0
+        self.steps.append(ReplayedStep(fields, snapshot(params) if self.keep_params else None, seconds))
         if state.global_step >= self.end:
             control.should_training_stop = True
 

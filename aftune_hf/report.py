@@ -126,7 +126,7 @@ class VerificationReport:
 
     def summary(self) -> str:
         """A human-readable summary, verdict first."""
-        lines = [f"{self.verdict}  trace {self.trace_root or '?'}  ({self.mode} mode, {self.num_steps} steps)"]
+        lines = [f"{self.verdict}  trace {self.trace_root or '(structure not verified)'}  ({self.mode} mode)"]
         if self.error:
             lines.append(f"  error: {self.error}")
         for f in self.failures[:20]:

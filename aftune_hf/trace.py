@@ -71,6 +71,12 @@ def anchor_path(step: int, part: str) -> str:
     return f"anchors/step-{step:08d}/{part}.safetensors" if part != "meta" else f"anchors/step-{step:08d}/anchor.json"
 
 
+def step_of_path(rel: str) -> int | None:
+    """The step a checkpoint or anchor file belongs to (None for other files)."""
+    m = re.fullmatch(r"(?:checkpoints/step-(\d{8})\.safetensors|anchors/step-(\d{8})/[a-z]+\.(?:safetensors|json))", rel)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
 def schema_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` of a tensor mapping."""
     return {n: (D.dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
@@ -512,14 +518,14 @@ class TraceReader:
         wanted = _expected_files(entries)
         present = set(self.files) - {ROOT}
         if missing := sorted(wanted - present):
-            raise ManifestMismatchError("missing_file", ", ".join(missing[:5]), path=missing[0])
+            raise ManifestMismatchError("missing_file", ", ".join(missing[:5]), path=missing[0], step=step_of_path(missing[0]))
         if extra := sorted(present - wanted):
             raise ManifestMismatchError("extra_file", ", ".join(extra[:5]), path=extra[0])
         if set(root["files"]) != wanted:
             raise CommitmentError("root_mismatch", "files listed in root differ from the trace", path=ROOT)
         for rel in sorted(wanted):
             if D.file_digest(self.root / rel).hex() != root["files"][rel]:
-                raise ManifestMismatchError("hash_mismatch", "file differs from the root", path=rel)
+                raise ManifestMismatchError("hash_mismatch", "file differs from the root", path=rel, step=step_of_path(rel))
         fields = {k: v for k, v in root.items() if k != "trace_root"}
         last_state = [e.record["state"] for e in entries if e.record["kind"] != "resume"][-1]
         if root["final_state"] != last_state:

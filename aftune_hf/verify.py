@@ -230,7 +230,7 @@ def verify_trace(
                 if model is not None:
                     check_delivered(model, reader.schema(), integrity.root["final_state"])
             except ProviderFault as e:
-                failures.append(Failure("structure", e.code, str(e), e.step))
+                failures.append(_failure("structure", e))
                 return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
             root_hex = integrity.trace_root.hex()
             challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
@@ -247,7 +247,7 @@ def verify_trace(
                 try:
                     res = check_window(c, reader, integrity, i, start, end, work / f"w{i}")
                 except ProviderFault as e:
-                    res = WindowResult(i, start, end, False, 0.0, (), f"{e.code}: {e}")
+                    res = WindowResult(i, start, end, False, 0.0, (), f"{e.code}: {e.detail}")
                 results.append(res)
                 failures.extend(_window_failures(res))
             verdict = PASS if not failures else FAIL
@@ -258,9 +258,13 @@ def verify_trace(
             )  # fmt: skip
     except (OSError, MemoryError, ImportError, AftuneError) as e:
         if isinstance(e, ProviderFault):
-            failures.append(Failure("structure", e.code, str(e), e.step))
+            failures.append(_failure("structure", e))
             return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
         return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+
+def _failure(check: str, e: AftuneError) -> Failure:
+    return Failure(check, e.code, f"{e.detail}{f' ({e.path})' if e.path else ''}", e.step)
 
 
 def _data_check(c: Contract, integrity: Integrity, work: Path, failures: list[Failure]) -> DataCheck:

@@ -4,13 +4,14 @@
 
 1. create the tiny base model the contract names (deterministic; its digest must match);
 2. the provider fine-tunes it with an ordinary ``transformers.Trainer`` + ``AuditCallback``;
-3. the client reads the trace back and checks every commitment;
-4. a provider edits one committed checkpoint after the fact: the check names the file.
+3. the client draws a nonce and verifies: structure, every step's data, re-executed windows -> PASS;
+4. a provider edits one committed checkpoint after the fact: the verifier FAILs, naming the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,9 +22,9 @@ import transformers
 from aftune_hf import AuditCallback
 from aftune_hf.artifacts import check_artifacts, model_dir_digest
 from aftune_hf.contract import load_contract
-from aftune_hf.errors import ProviderFault
 from aftune_hf.recipes.causal_lm import build, make_base_model
-from aftune_hf.trace import TraceReader, checkpoint_path
+from aftune_hf.trace import checkpoint_path
+from aftune_hf.verify import verify_trace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,24 +56,25 @@ def main() -> int:
     result = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[callback]).train()
     print(f"trained: loss {result.training_loss:.4f}; trace root {callback.root['trace_root']}")
 
-    say("client: strict read of the whole trace (paths, formats, chain, Merkle root, every file digest)")
-    integrity = TraceReader(out / "trace").check_integrity()
-    anchors = [s for s, r in integrity.steps().items() if r["anchor"]]
-    print(f"PASS  {integrity.num_steps} steps, {len(integrity.entries)} records, anchors at steps {anchors}")
+    nonce = os.urandom(8).hex()
+    say(f"client: verify with a fresh nonce {nonce} (structure, all-steps data check, re-executed windows)")
+    report = verify_trace(out / "trace", contract, nonce=nonce, model=out / "trace" / checkpoint_path(contract.training.max_steps))
+    print(report.summary())
+    if not report.ok:
+        return 1
 
-    say("a cheating provider nudges the weights in one committed checkpoint after training")
-    victim = out / "trace" / checkpoint_path(integrity.num_steps // 2)
+    step = contract.training.max_steps // 2
+    say(f"a cheating provider nudges the weights in the committed checkpoint of step {step}")
+    victim = out / "trace" / checkpoint_path(step)
     tensors = safetensors.torch.load_file(victim)
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] * 1.001
     safetensors.torch.save_file(tensors, victim, metadata={"format": "pt"})
-    try:
-        TraceReader(out / "trace").check_integrity()
-    except ProviderFault as e:
-        print(f"FAIL  {e}")
-        return 0
-    print("the tampering was not detected: this is a bug")
-    return 1
+    report = verify_trace(out / "trace", contract, nonce=nonce)
+    print(report.summary())
+    caught = report.verdict == "FAIL" and report.failures[0].step == step
+    print(f"\n{'caught at step %d' % step if caught else 'NOT CAUGHT: this is a bug'}")
+    return 0 if caught else 1
 
 
 if __name__ == "__main__":

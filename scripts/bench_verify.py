@@ -1,0 +1,98 @@
+"""Verification cost: replay time per window relative to the original steps, side by side.
+
+    python scripts/bench_verify.py [--hidden 512 --layers 6 --steps 12 --anchor-every 4]
+
+Records a LoRA and a full fine-tune with AuditCallback (timing every step), then re-executes
+every window through the Trainer and prints, per window, the replayed steps' time against the
+same steps' original time, plus the window's wall time (Trainer build, anchor materialisation,
+resume) and the cost of the structural and all-steps data checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import transformers
+import yaml
+
+from aftune_hf import AuditCallback
+from aftune_hf.artifacts import dataset_digest
+from aftune_hf.contract import load_contract
+from aftune_hf.recipes.causal_lm import DEFAULT_DATASET, build, make_base_model
+from aftune_hf.replay import replay_window
+from aftune_hf.trace import TraceReader
+from aftune_hf.verify import check_structure, window_bounds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepTimes(transformers.TrainerCallback):
+    def __init__(self) -> None:
+        self.t0, self.times = 0.0, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times[state.global_step] = time.perf_counter() - self.t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--anchor-every", type=int, default=4)
+    a = ap.parse_args()
+    transformers.logging.set_verbosity_error()
+    work = Path(tempfile.mkdtemp(prefix="aftune-bench-verify-"))
+    digest = make_base_model(work / "base", hidden_size=a.hidden, intermediate_size=4 * a.hidden,
+                             num_hidden_layers=a.layers, num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    for kind in ("tiny-lora", "tiny-full"):
+        data = yaml.safe_load((REPO / "configs" / f"{kind}.yaml").read_text())
+        data["base_model"] = {"path": str(work / "base"), "digest": digest}
+        data["dataset"] = {"path": str(DEFAULT_DATASET), "digest": dataset_digest(DEFAULT_DATASET).hex()}
+        data["training"]["max_steps"] = a.steps
+        data["audit"]["anchor_every"] = a.anchor_every
+        path = work / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        contract = load_contract(path)
+        timer = StepTimes()
+        parts = build(contract, str(work / kind / "out"), disable_tqdm=True, logging_steps=10**6)
+        cbs = [timer, AuditCallback(contract, work / kind / "trace")]
+        transformers.Trainer(**parts.trainer_kwargs(), callbacks=cbs).train()
+        reader = TraceReader(work / kind / "trace")
+        t = time.perf_counter()
+        check_structure(reader, contract, work / kind / "s")
+        structural = time.perf_counter() - t
+        from aftune_hf.replay import iter_data_steps
+
+        t = time.perf_counter()
+        n = sum(1 for _ in iter_data_steps(contract, work / kind / "d"))
+        data_s = time.perf_counter() - t
+        train_s = sum(timer.times.values())
+        print(f"{kind}: {a.steps} steps trained in {train_s:.1f} s; structural check {structural:.2f} s; "
+              f"data check of {n} steps {data_s:.2f} s ({data_s / train_s:.1%} of training)")  # fmt: skip
+        ratios = []
+        for i, (s, e) in enumerate(window_bounds(contract)):
+            t = time.perf_counter()
+            anchor = reader.anchor(s, reader.schema()) if s else None
+            _, steps = replay_window(contract, s, e, anchor, work / kind / f"w{i}")
+            wall = time.perf_counter() - t
+            replay = sum(x.seconds for x in steps)
+            original = sum(timer.times[x] for x in range(s + 1, e + 1))
+            ratios.append(replay / original)
+            print(f"  window {i} (steps {s + 1}-{e}): replayed steps {replay:.2f} s vs original {original:.2f} s "
+                  f"= {replay / original:.3f}x; window wall time {wall:.2f} s = {wall / original:.2f}x")  # fmt: skip
+        print(f"  median replay/original step time: {statistics.median(ratios):.3f}x")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
