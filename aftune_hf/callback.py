@@ -33,7 +33,7 @@ from . import records as R
 from .card import render_card
 from .contract import Contract, load_contract
 from .errors import ContractViolationError, RecorderError
-from .live import contract_differences, make_anchor, snapshot, trainable_params, unwrap
+from .live import contract_differences, make_anchor, trainable_params, unwrap
 from .trace import Anchor, TraceWriter, schema_of
 
 logger = logging.getLogger(__name__)
@@ -152,15 +152,20 @@ class StepObserver(TrainerCallback):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._lr = float(optimizer.param_groups[0]["lr"])
 
-    def observe(self, state: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The step's record fields (all but ``checkpoint``/``anchor``) and the live trainable tensors."""
+    def observe(
+        self, state: Any, model: Any, *, state_digest: bool = True
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The step's record fields (all but ``checkpoint``/``anchor``; ``state`` only when
+        ``state_digest``) and the live trainable tensors."""
         step = state.global_step
         batches, num_items, loss = self.capture.end()
         if not batches:
             raise RecorderError("capture_failed", "no training forward pass was captured", step=step)
         params = trainable_params(model)
         fields = dict(step=step, batches=[batches], num_items=num_items, loss=loss, lr=self._lr,
-                      grad_norm=self._grad_norm, state=D.state_digest(params))  # fmt: skip
+                      grad_norm=self._grad_norm)  # fmt: skip
+        if state_digest:
+            fields["state"] = D.state_digest(params)
         return fields, params
 
 
@@ -192,6 +197,8 @@ class AuditCallback(StepObserver):
         self.check_base_model = check_base_model
         self.writer: TraceWriter | None = None
         self._bg: _BackgroundWriter | None = None
+        self._reads_done = threading.Event()
+        self._reads_done.set()
         self.root: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -265,20 +272,44 @@ class AuditCallback(StepObserver):
             self._step_end(state, control, model, optimizer, lr_scheduler)
 
     def _step_end(self, state, control, model, optimizer, lr_scheduler) -> None:
-        fields, params = self.observe(state, model)
+        # Everything small is captured now; the trainable tensors and optimizer state are read
+        # by the writer thread *in place* while the next step's forward/backward runs (they do
+        # not change until its optimizer.step, where on_pre_optimizer_step waits for the reads).
+        fields, params = self.observe(state, model, state_digest=False)
         step = fields["step"]
         audit, last = self.contract.audit, step == self.contract.training.max_steps
-        anchor = make_anchor(step, model, optimizer, lr_scheduler, state) if step % audit.anchor_every == 0 or last else None
-        checkpoint = snapshot(params) if step % audit.checkpoint_every == 0 or last else None
-        fields["checkpoint"] = checkpoint is not None
-        self._bg.submit(lambda: self._commit(fields, checkpoint, anchor))
+        anchor = (make_anchor(step, model, optimizer, lr_scheduler, state, copy=False)
+                  if step % audit.anchor_every == 0 or last else None)  # fmt: skip
+        checkpoint = step % audit.checkpoint_every == 0 or last
+        self._reads_done.clear()
+        self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor))
         if control.should_save or last:
             self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain
 
-    def _commit(self, fields: dict[str, Any], checkpoint: dict | None, anchor: Anchor | None) -> None:
-        if checkpoint is not None:
-            self.writer.write_checkpoint(fields["step"], checkpoint)
-        digest = self.writer.write_anchor(anchor) if anchor is not None else None
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, model=model, **kwargs)
+        with self._abort_on_error():
+            while not self._reads_done.wait(timeout=1.0):
+                self._check_bg()  # a failed job never sets the event
+            self._check_bg()
+
+    def _commit(self, fields: dict[str, Any], params: dict, checkpoint: bool, anchor: Anchor | None) -> None:
+        staged: list = []
+        try:  # phase 1 reads the live tensors: hash them, write them to temp files
+            fields = {**fields, "state": D.state_digest(params), "checkpoint": checkpoint}
+            if checkpoint:
+                staged += self.writer.stage_checkpoint(fields["step"], params)
+            digest = None
+            if anchor is not None:
+                digest, files = self.writer.stage_anchor(anchor)
+                staged += files
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self._reads_done.set()  # training may now run its next optimizer step
+        self.writer.commit_files(staged)  # phase 2: durable, visible, then the commit point
         self.writer.append(R.step_record(**fields, anchor=digest))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

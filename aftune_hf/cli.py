@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import __version__
@@ -145,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"aftune: {'FAIL' if isinstance(e, ProviderFault) else 'error'}: {e}", file=sys.stderr)
         return 1 if isinstance(e, ProviderFault) else 2
+    except Exception:  # a bug or an environment problem: never exit 1 (that means FAIL)
+        traceback.print_exc()
+        print("aftune: error: unexpected internal error (exit 2); please report it", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

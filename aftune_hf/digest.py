@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,20 +57,21 @@ CONTEXTS: dict[str, str] = {
         "window stream",
     )
 }
-_BIG_BUFFER = 1 << 20  # hash with all cores above this size
+_BIG_BUFFER = 128 << 20  # use every core only for buffers this large (threads cost more on small ones)
 
 if sys.byteorder != "little":  # pragma: no cover - tensor bytes are specified little-endian
     raise ImportError("aftune_hf digests are defined on little-endian machines only")
 
 
-def hasher(role: str) -> Any:
+def hasher(role: str, *, size_hint: int = 0) -> Any:
     """A fresh BLAKE3 hasher keyed for ``role`` (one of :data:`CONTEXTS`)."""
-    return _blake3.blake3(derive_key_context=CONTEXTS[role], max_threads=_blake3.blake3.AUTO)
+    threads = _blake3.blake3.AUTO if size_hint >= _BIG_BUFFER else 1
+    return _blake3.blake3(derive_key_context=CONTEXTS[role], max_threads=threads)
 
 
 def hash_bytes(role: str, *parts: bytes | memoryview) -> bytes:
     """BLAKE3 derive_key(role) over the concatenation of ``parts``."""
-    h = hasher(role)
+    h = hasher(role, size_hint=sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts))
     for p in parts:
         h.update(p)
     return h.digest()
@@ -218,8 +218,9 @@ def batch_digest(batch: Mapping[str, Any]) -> bytes:
 
 def file_digest(path: str | Path) -> bytes:
     """Digest of a file's bytes (memory-mapped)."""
-    h = hasher("file")
-    if Path(path).stat().st_size:
+    size = Path(path).stat().st_size
+    h = hasher("file", size_hint=size)
+    if size:
         h.update_mmap(str(path))
     return h.digest()
 
@@ -413,17 +414,3 @@ def sample_windows(seed: bytes, n_windows: int, k: int) -> list[int]:
         j = i + stream.below(len(rest) - i)
         rest[i], rest[j] = rest[j], rest[i]
     return sorted(chosen | set(rest[:need]))
-
-
-def detection_probability(n: int, k: int, bad: int) -> float:
-    """P(at least one of ``bad`` falsified windows is among ``k`` drawn of ``n`` without replacement)."""
-    if bad <= 0:
-        return 0.0
-    if k >= n or bad > n - k:
-        return 1.0
-    return 1.0 - math.comb(n - bad, k) / math.comb(n, k)
-
-
-def iter_hex(digests: Iterable[bytes]) -> list[str]:
-    """Hex strings of digests (for JSON)."""
-    return [d.hex() for d in digests]

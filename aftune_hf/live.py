@@ -53,8 +53,14 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
-def make_anchor(step: int, model: Any, optimizer: Any, lr_scheduler: Any, trainer_state: Any) -> Anchor:
-    """Capture full resumable state at ``step`` as an :class:`Anchor` of CPU copies."""
+def make_anchor(
+    step: int, model: Any, optimizer: Any, lr_scheduler: Any, trainer_state: Any, *, copy: bool = True
+) -> Anchor:
+    """Capture full resumable state at ``step`` as an :class:`Anchor`.
+
+    With ``copy=False`` the params and optimizer tensors are the *live* tensors (no copy): the
+    caller must finish reading them before the next ``optimizer.step()``.
+    """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     opt_tensors, opt_meta = encode_optimizer(inner.state_dict(), optimizer_param_names(inner, unwrap(model)))
     rng_tensors, rng_meta = encode_rng(rng_states())
@@ -66,7 +72,8 @@ def make_anchor(step: int, model: Any, optimizer: Any, lr_scheduler: Any, traine
         "rng": rng_meta,
         "trainer_state": to_json_value(state_json),
     }
-    return Anchor(step, snapshot(trainable_params(model)), snapshot(opt_tensors), snapshot(rng_tensors), meta)
+    keep = snapshot if copy else dict
+    return Anchor(step, keep(trainable_params(model)), keep(opt_tensors), snapshot(rng_tensors), meta)
 
 
 # --- contract checks ---------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def _bad(detail: str, step: Any = None) -> TraceFormatError:
     return TraceFormatError("record_invalid", detail, step=step if isinstance(step, int) else None)
 
 
-def _hex(v: Any, what: str, step: Any) -> None:
+def check_hex(v: Any, what: str, step: Any = None) -> None:
     if not isinstance(v, str) or not _HEX.fullmatch(v):
         raise _bad(f"{what} is not a 64-char lowercase hex digest", step)
 
@@ -124,8 +124,8 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
     if kind == "start":
         if step != 0:
             raise _bad("start record must be step 0", step)
-        _hex(rec["state"], "state", step)
-        _hex(rec["anchor"], "anchor", step)
+        check_hex(rec["state"], "state", step)
+        check_hex(rec["anchor"], "anchor", step)
     elif kind == "resume":
         if not isinstance(rec["reason"], str) or len(rec["reason"]) > 200:
             raise _bad("resume reason", step)
@@ -138,18 +138,18 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
             if not isinstance(rank, list) or not 1 <= len(rank) <= _MAX_MICRO:
                 raise _bad("each rank needs 1+ micro-batch digests", step)
             for h in rank:
-                _hex(h, "batch digest", step)
+                check_hex(h, "batch digest", step)
         if rec["num_items"] is not None:
             _int(rec["num_items"], "num_items", step)
         _float(rec["loss"], "loss", step)
         _float(rec["lr"], "lr", step)
         if rec["grad_norm"] is not None:
             _float(rec["grad_norm"], "grad_norm", step)
-        _hex(rec["state"], "state", step)
+        check_hex(rec["state"], "state", step)
         if type(rec["checkpoint"]) is not bool:
             raise _bad("checkpoint must be a boolean", step)
         if rec["anchor"] is not None:
-            _hex(rec["anchor"], "anchor", step)
+            check_hex(rec["anchor"], "anchor", step)
     return rec
 
 

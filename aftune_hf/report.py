@@ -9,14 +9,23 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .digest import detection_probability
 from .safeio import atomic_write_bytes
 
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
+
+
+def detection_probability(n: int, k: int, bad: int) -> float:
+    """P(at least one of ``bad`` falsified windows is among ``k`` drawn of ``n`` without replacement)."""
+    if bad <= 0:
+        return 0.0
+    if k >= n or bad > n - k:
+        return 1.0
+    return 1.0 - math.comb(n - bad, k) / math.comb(n, k)
 
 
 @dataclass(frozen=True)

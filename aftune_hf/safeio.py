@@ -85,23 +85,43 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise RecorderError("write_failed", f"{e.strerror or e}", path=str(final)) from e
 
 
-def atomic_save_safetensors(
+def stage_safetensors(
     path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str]
-) -> None:
-    """Save tensors with ``safetensors`` atomically (same guarantees as :func:`atomic_write_bytes`)."""
+) -> tuple[Path, Path]:
+    """Write tensors to a temp file next to ``path`` (not yet durable or visible).
+
+    Returns ``(tmp, final)`` for :func:`commit_staged`. Once this returns, the tensors have
+    been read and may change.
+    """
     from safetensors.torch import save_file
 
     final = Path(path)
     tmp = _tmp_path(final)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, dict(metadata))
-        _commit_tmp(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RecorderError("write_failed", f"{e.strerror or e}", path=str(final)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp, final
+
+
+def commit_staged(tmp: Path, final: Path) -> None:
+    """fsync a staged file, rename it into place, fsync the directory."""
+    try:
+        _commit_tmp(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RecorderError("write_failed", f"{e.strerror or e}", path=str(final)) from e
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str]
+) -> None:
+    """Save tensors with ``safetensors`` atomically (same guarantees as :func:`atomic_write_bytes`)."""
+    commit_staged(*stage_safetensors(path, tensors, metadata))
 
 
 # --- reading hostile files -----------------------------------------------------------------------

@@ -40,13 +40,15 @@ class StepTimer(transformers.TrainerCallback):
         self.starts.append(time.perf_counter())
 
     def durations(self, skip: int) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:])][skip:]
+        """Step times without the warm-up steps and without the last step (which also waits
+        for the recorder's final flush, a one-off cost at the end of a run)."""
+        return [b - a for a, b in zip(self.starts, self.starts[1:])][skip:-1]
 
 
 class OnThread:
-    """Time spent on the training thread inside AuditCallback's hooks and events."""
+    """Time spent on the training thread inside AuditCallback's hooks and events, per step."""
 
-    total = 0.0
+    per_step: list[float] = []
     names = ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
 
     @classmethod
@@ -60,11 +62,14 @@ class OnThread:
     @classmethod
     def _timed(cls, fn):
         def wrapper(*args, **kwargs):
+            if fn.__name__ == "on_step_begin":
+                cls.per_step.append(0.0)
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                cls.total += time.perf_counter() - t
+                if cls.per_step:
+                    cls.per_step[-1] += time.perf_counter() - t
 
         return wrapper
 
@@ -96,7 +101,6 @@ def main() -> int:
     base = work / "base"
     digest = make_base_model(base, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
                              num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
-    results = {}
     for kind in ("tiny-lora", "tiny-full"):
         data = yaml.safe_load((REPO / "configs" / f"{kind}.yaml").read_text())
         data["base_model"] = {"path": str(base), "digest": digest}
@@ -106,17 +110,19 @@ def main() -> int:
             data["audit"].update(anchor_every=8, checkpoint_every=4)
         path = work / f"{kind}.yaml"
         path.write_text(yaml.safe_dump(data))
-        plain, audited = [], []
-        OnThread.total = 0.0
+        plain, audited, on_thread = [], [], []
         for _ in range(a.rounds):  # interleaved, so drift hits both sides alike
             plain += run(path, work, False, a.skip)
+            OnThread.per_step = []
             audited += run(path, work, True, a.skip)
+            on_thread += OnThread.per_step[a.skip : -1]  # the last step also waits for the final flush
         mp, ma = statistics.median(plain), statistics.median(audited)
-        on_thread = OnThread.total / (a.rounds * a.steps)
-        results[kind] = (mp, ma)
-        print(f"{kind:10} plain {mp:.3f} s/step  audited {ma:.3f} s/step  ratio {ma / mp:.3f}  "
-              f"callback on the training thread {1000 * on_thread:.1f} ms/step = {on_thread / mp:.1%} of a step  "
-              f"(n={len(plain)}+{len(audited)} steps, audit policy {data['audit']})", flush=True)  # fmt: skip
+        mean_p, mean_a = statistics.mean(plain), statistics.mean(audited)
+        med_t, mean_t = statistics.median(on_thread), statistics.mean(on_thread)
+        print(f"{kind}: median step plain {mp:.3f} s, audited {ma:.3f} s, ratio {ma / mp:.3f}; "
+              f"mean ratio {mean_a / mean_p:.3f}; on the training thread per step: median {1000 * med_t:.1f} ms "
+              f"({med_t / mp:.1%}), mean {1000 * mean_t:.1f} ms ({mean_t / mp:.1%}); "
+              f"n={len(plain)}+{len(audited)} steps; audit {data['audit']}", flush=True)  # fmt: skip
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"model: hidden {a.hidden}, {a.layers} layers, {params / 1e6:.1f} M parameters")
     shutil.rmtree(work, ignore_errors=True)

@@ -135,14 +135,14 @@ def test_background_write_failure_stops_training(write_contract, tmp_path, monke
     from aftune_hf.trace import TraceWriter
 
     path = write_contract(training={"max_steps": 6})
-    real = TraceWriter.write_checkpoint
+    real = TraceWriter.stage_checkpoint
 
     def failing(self, step, tensors):
         if step == 3:
             raise RecorderError("write_failed", "No space left on device")
         return real(self, step, tensors)
 
-    monkeypatch.setattr(TraceWriter, "write_checkpoint", failing)
+    monkeypatch.setattr(TraceWriter, "stage_checkpoint", failing)
     with pytest.raises(RecorderError, match="No space left"):
         record(path, tmp_path)
     lines = (tmp_path / "trace" / CHAIN).read_bytes().splitlines()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from aftune_hf import digest as D
 from aftune_hf import records as R
+from aftune_hf.report import detection_probability
 
 # Frozen bytes -> frozen hex. If one of these changes, every existing trace stops verifying:
 # change the protocol version and the context strings instead.
@@ -253,10 +254,10 @@ def test_window_sampler_is_roughly_uniform():
 
 
 def test_detection_probability():
-    assert D.detection_probability(100, 10, 0) == 0.0
-    assert D.detection_probability(100, 100, 1) == 1.0
-    assert D.detection_probability(10, 1, 1) == pytest.approx(0.1)
-    assert D.detection_probability(100, 30, 10) > 1 - 0.9**30  # without replacement beats with
+    assert detection_probability(100, 10, 0) == 0.0
+    assert detection_probability(100, 100, 1) == 1.0
+    assert detection_probability(10, 1, 1) == pytest.approx(0.1)
+    assert detection_probability(100, 30, 10) > 1 - 0.9**30  # without replacement beats with
 
 
 def test_canonical_json_rejects_floats_and_sorts_keys():

@@ -1,0 +1,34 @@
+"""The trace on disk: the ONLY package that knows its file names.
+
+Layout (a valid Hugging Face Hub repository; ``docs/FORMAT.md`` is the specification)::
+
+    README.md                              model card (written at finalize)
+    aftune_trace.json                      header: format, contract, run id, schema, environment
+    chain.jsonl                            one committed record per line (append-only)
+    checkpoints/step-00000005.safetensors  trainable tensors after a step
+    anchors/step-00000004/{params,optimizer,rng}.safetensors + anchor.json
+    root.json                              the trace root (written last)
+
+:class:`TraceWriter` writes atomically (temp, fsync, rename, fsync dir); the chain line is
+the commit point. :class:`TraceReader` treats every byte as hostile: strict paths, no
+symlinks or special files, no pickle, bounded sizes, strict JSON and safetensors, tensor
+schemas checked.
+
+Example:
+    >>> w = TraceWriter.create("runs/t", contract_digest=c.digest(), schema=schema)  # doctest: +SKIP
+    >>> w.append(records.start_record(state=..., anchor=...))                       # doctest: +SKIP
+    >>> TraceReader("runs/t").check_integrity().num_steps                           # doctest: +SKIP
+"""
+
+from .layout import (
+    ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, IGNORED, LOCK, ROOT, Anchor, Limits, Schema,
+    anchor_path, check_schema, checkpoint_path, environment, schema_of, step_of_path,
+)  # fmt: skip
+from .reader import Integrity, TraceReader
+from .writer import TraceWriter
+
+__all__ = [
+    "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "IGNORED", "LOCK", "ROOT", "Anchor",
+    "Integrity", "Limits", "Schema", "TraceReader", "TraceWriter", "anchor_path", "check_schema", "checkpoint_path",
+    "environment", "schema_of", "step_of_path",
+]  # fmt: skip

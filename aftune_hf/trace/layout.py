@@ -1,0 +1,164 @@
+"""The trace layout: file names, limits, the anchor type, and helpers shared by writer and reader.
+
+This package (``aftune_hf.trace``) is the ONLY place that knows the trace's file names;
+``docs/FORMAT.md`` is the specification.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import digest as D
+from .. import records as R
+from ..errors import CommitmentError, ManifestMismatchError, TraceFormatError
+from ..safeio import loads_json_strict, read_regular_file
+from ..statecodec import decode_optimizer, decode_rng, from_json_value
+
+FORMAT = "aftune-trace"
+FORMAT_VERSION = 1
+HEADER, CHAIN, ROOT, CARD, LOCK = "aftune_trace.json", "chain.jsonl", "root.json", "README.md", ".aftune.lock"
+IGNORED = frozenset({".gitattributes"})  # added by the Hub itself; never read
+ANCHOR_PARTS = ("params", "optimizer", "rng")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".pyc")
+Schema = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+def checkpoint_path(step: int) -> str:
+    return f"checkpoints/step-{step:08d}.safetensors"
+
+
+def anchor_path(step: int, part: str) -> str:
+    return f"anchors/step-{step:08d}/{part}.safetensors" if part != "meta" else f"anchors/step-{step:08d}/anchor.json"
+
+
+def step_of_path(rel: str) -> int | None:
+    """The step a checkpoint or anchor file belongs to (None for other files)."""
+    m = re.fullmatch(r"(?:checkpoints/step-(\d{8})\.safetensors|anchors/step-(\d{8})/[a-z]+\.(?:safetensors|json))", rel)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def schema_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of a tensor mapping."""
+    return {n: (D.dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
+
+
+def environment() -> dict[str, str]:
+    """A fingerprint of the numerics environment, stored in the header (informational)."""
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "cuda": str(torch.version.cuda),
+    }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Verifier-side bounds, checked before allocating (a trace over them is a FAIL)."""
+
+    max_files: int = 200_000
+    max_depth: int = 3
+    max_json_bytes: int = 64 << 20
+    max_chain_bytes: int = 1 << 30
+    max_tensor_file_bytes: int = 256 << 30
+    max_safetensors_header: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Full resumable state at ``step``: trainable params, optimizer, RNG (tensors) + meta (JSON).
+
+    ``meta`` holds ``step``, the encoded optimizer groups, scheduler state, Python/NumPy
+    RNG and trainer state (see :mod:`aftune_hf.statecodec`).
+    """
+
+    step: int
+    params: Mapping[str, Any]
+    optimizer: Mapping[str, Any]
+    rng: Mapping[str, Any]
+    meta: Mapping[str, Any]
+
+    def part_digests(self) -> dict[str, bytes]:
+        return {
+            "params": D.state_digest(self.params),
+            "optimizer": D.state_digest(self.optimizer),
+            "rng": D.state_digest(self.rng),
+            "meta": D.json_digest(dict(self.meta)),
+        }
+
+    def digest(self) -> bytes:
+        return D.anchor_digest(self.part_digests())
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        return decode_optimizer(self.optimizer, self.meta.get("optimizer"), path=anchor_path(self.step, "meta"))
+
+    def rng_state(self) -> dict[str, Any]:
+        return decode_rng(self.rng, self.meta.get("rng"), path=anchor_path(self.step, "meta"))
+
+    def scheduler_state(self) -> Any:
+        return from_json_value(self.meta.get("scheduler"), path=anchor_path(self.step, "meta"))
+
+    def trainer_state(self) -> Any:
+        return from_json_value(self.meta.get("trainer_state"), path=anchor_path(self.step, "meta"))
+
+
+ANCHOR_META_KEYS = {"step", "optimizer", "scheduler", "rng", "trainer_state"}
+
+
+# --- shared by the writer and the reader ---------------------------------------------------
+
+
+def expected_files(entries: list[R.ChainEntry]) -> set[str]:
+    files = {HEADER, CHAIN, CARD}
+    for e in entries:
+        rec = e.record
+        if rec["kind"] == "step" and rec["checkpoint"]:
+            files.add(checkpoint_path(rec["step"]))
+        if rec["kind"] in ("start", "step") and rec["anchor"] is not None:
+            files.update(anchor_path(rec["step"], p) for p in (*ANCHOR_PARTS, "meta"))
+    return files
+
+
+def parse_chain_line(line: bytes, index: int, prev: bytes) -> R.ChainEntry:
+    obj = loads_json_strict(line, path=CHAIN)
+    if not isinstance(obj, dict) or set(obj) != {"i", "record", "leaf", "chain"}:
+        raise TraceFormatError("chain_invalid", f"line {index}: keys", path=CHAIN)
+    if obj["i"] != index or type(obj["i"]) is not int:
+        raise CommitmentError("chain_order", f"line {index} says i={obj['i']!r}", path=CHAIN)
+    entry = R.link(prev, index, obj["record"])
+    if obj["leaf"] != entry.leaf.hex():
+        raise CommitmentError("leaf_mismatch", f"record {index}", path=CHAIN, step=obj["record"]["step"])
+    if obj["chain"] != entry.chain.hex():
+        raise CommitmentError("chain_break", f"record {index}", path=CHAIN, step=obj["record"]["step"])
+    if line != D.canonical_json(obj):
+        raise TraceFormatError("chain_invalid", f"line {index} is not canonical JSON", path=CHAIN)
+    return entry
+
+
+def read_json(root: Path, rel: str, limits: Limits) -> Any:
+    data = read_regular_file(root, rel, max_bytes=limits.max_json_bytes)
+    return loads_json_strict(data, path=rel)
+
+
+def check_schema(tensors: Mapping[str, Any], schema: Schema, *, path: str) -> None:
+    """Exact tensor set, dtypes and shapes, or :class:`ManifestMismatchError`."""
+    if missing := sorted(set(schema) - set(tensors)):
+        raise ManifestMismatchError("tensor_missing", ", ".join(missing[:5]), path=path)
+    if extra := sorted(set(tensors) - set(schema)):
+        raise ManifestMismatchError("tensor_extra", ", ".join(extra[:5]), path=path)
+    for name, (dtype, shape) in schema.items():
+        t = tensors[name]
+        if D.dtype_name(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
+            raise ManifestMismatchError(
+                "tensor_schema", f"{name}: {D.dtype_name(t.dtype)}{list(t.shape)} != {dtype}{list(shape)}", path=path
+            )

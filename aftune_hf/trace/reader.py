@@ -1,0 +1,200 @@
+"""Strict reading of an untrusted trace directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import digest as D
+from .. import records as R
+from ..errors import (
+    CommitmentError, ManifestMismatchError, PathSafetyError, ResourceLimitError, TraceFormatError, UnsafeContentError,
+)  # fmt: skip
+from ..safeio import parse_safetensors, read_regular_file, validate_relpath
+from .layout import (
+    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, IGNORED, PICKLE_SUFFIXES, ROOT, Anchor,
+    Limits, Schema, expected_files, parse_chain_line, read_json, anchor_path, check_schema, checkpoint_path, step_of_path,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """What :meth:`TraceReader.check_integrity` established about a trace."""
+
+    trace_root: bytes
+    num_steps: int
+    entries: tuple[R.ChainEntry, ...]
+    root: Mapping[str, Any] = field(repr=False)
+
+    def steps(self) -> dict[int, Mapping[str, Any]]:
+        """The step and start records by step number."""
+        return {e.record["step"]: e.record for e in self.entries if e.record["kind"] != "resume"}
+
+
+_HEADER_KEYS = {"format", "format_version", "protocol_version", "run_id", "contract_digest", "contract", "schema", "environment"}  # fmt: skip
+_ROOT_KEYS = {"format", "format_version", "protocol_version", "run_id", "contract_digest", "chain_head", "records_root", "num_records", "num_steps", "final_state", "files", "trace_root"}  # fmt: skip
+
+
+class TraceReader:
+    """Strict reader of an untrusted trace directory.
+
+    Construction scans the directory: every entry must be a regular file or directory with
+    a safe relative name, no pickle-like file, within :class:`Limits`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, limits: Limits = Limits()) -> None:
+        self.root = Path(root)
+        self.limits = limits
+        if self.root.is_symlink() or not self.root.is_dir():
+            raise PathSafetyError("not_a_directory", "trace must be a real directory", path=str(root))
+        self.files = self._scan()
+
+    def _scan(self) -> dict[str, int]:
+        files: dict[str, int] = {}
+        stack = [(self.root, "")]
+        while stack:
+            directory, prefix = stack.pop()
+            with os.scandir(directory) as it:
+                for entry in it:
+                    rel = prefix + entry.name
+                    if len(files) >= self.limits.max_files:
+                        raise ResourceLimitError("too_many_files", f"> {self.limits.max_files}")
+                    if rel in IGNORED:
+                        continue
+                    validate_relpath(rel, max_depth=self.limits.max_depth)
+                    if entry.is_symlink():
+                        raise PathSafetyError("symlink", "symbolic links are not allowed", path=rel)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((Path(entry.path), rel + "/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        if rel.lower().endswith(PICKLE_SUFFIXES):
+                            raise UnsafeContentError("pickle_not_allowed", "never opened", path=rel)
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_nlink > 1:
+                            raise PathSafetyError("hardlink", "hard-linked file", path=rel)
+                        files[rel] = st.st_size
+                    else:
+                        raise PathSafetyError("special_file", "not a regular file", path=rel)
+        return files
+
+    # -- parts ------------------------------------------------------------------------------
+
+    def _json(self, rel: str) -> Any:
+        if rel not in self.files:
+            raise ManifestMismatchError("missing_file", "required file absent", path=rel)
+        return read_json(self.root, rel, self.limits)
+
+    def header(self) -> dict[str, Any]:
+        h = self._json(HEADER)
+        if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
+            raise TraceFormatError("header_invalid", "header keys", path=HEADER)
+        if h["format"] != FORMAT or h["format_version"] != FORMAT_VERSION:
+            raise TraceFormatError("format_version", f"{h['format']!r} v{h['format_version']!r}", path=HEADER)
+        if h["protocol_version"] != D.PROTOCOL_VERSION:
+            raise TraceFormatError("format_version", f"protocol {h['protocol_version']!r}", path=HEADER)
+        if not isinstance(h["run_id"], str) or not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", h["run_id"]):
+            raise TraceFormatError("header_invalid", "run_id", path=HEADER)
+        R.check_hex(h["contract_digest"], "contract_digest", None)
+        if not isinstance(h["schema"], dict):
+            raise TraceFormatError("header_invalid", "schema", path=HEADER)
+        return h
+
+    def schema(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The trainable-tensor schema the header declares."""
+        out = {}
+        for n, v in self.header()["schema"].items():
+            if not isinstance(v, dict) or set(v) != {"dtype", "shape"} or not isinstance(v["shape"], list):
+                raise TraceFormatError("header_invalid", f"schema entry {n}", path=HEADER)
+            out[n] = (v["dtype"], tuple(v["shape"]))
+        return out
+
+    def entries(self) -> list[R.ChainEntry]:
+        """Every chain record, each leaf and chain hash recomputed."""
+        h = self.header()
+        if CHAIN not in self.files:
+            raise ManifestMismatchError("missing_file", "no chain", path=CHAIN)
+        data = read_regular_file(self.root, CHAIN, max_bytes=self.limits.max_chain_bytes)
+        if data and not data.endswith(b"\n"):
+            raise TraceFormatError("chain_torn", "last line is incomplete", path=CHAIN)
+        head = D.chain_start(bytes.fromhex(h["contract_digest"]), h["run_id"])
+        out: list[R.ChainEntry] = []
+        for line in data.split(b"\n")[:-1]:
+            e = parse_chain_line(line, len(out) + 1, head)
+            out.append(e)
+            head = e.chain
+        return out
+
+    def root_record(self) -> dict[str, Any]:
+        r = self._json(ROOT)
+        if not isinstance(r, dict) or set(r) != _ROOT_KEYS:
+            raise TraceFormatError("root_invalid", "root keys", path=ROOT)
+        if not isinstance(r["files"], dict):
+            raise TraceFormatError("root_invalid", "files", path=ROOT)
+        return r
+
+    def check_integrity(self) -> Integrity:
+        """Recompute everything the root commits to; raise on the first inconsistency.
+
+        Checks: header, every chain line, step sequence, root fields against the chain,
+        the exact file set (missing / extra), every file's digest, and the trace root.
+        """
+        header, entries, root = self.header(), self.entries(), self.root_record()
+        num_steps = R.check_sequence(entries)
+        expect = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "protocol_version": D.PROTOCOL_VERSION,
+            "run_id": header["run_id"],
+            "contract_digest": header["contract_digest"],
+            "chain_head": entries[-1].chain.hex(),
+            "records_root": D.RECORD_TREE.root_from_hashes([e.leaf for e in entries]).hex(),
+            "num_records": len(entries),
+            "num_steps": num_steps,
+        }
+        for k, v in expect.items():
+            if root[k] != v:
+                raise CommitmentError("root_mismatch", f"{k}: root says {root[k]!r}, trace gives {v!r}", path=ROOT)
+        wanted = expected_files(entries)
+        present = set(self.files) - {ROOT}
+        if missing := sorted(wanted - present):
+            raise ManifestMismatchError("missing_file", ", ".join(missing[:5]), path=missing[0], step=step_of_path(missing[0]))
+        if extra := sorted(present - wanted):
+            raise ManifestMismatchError("extra_file", ", ".join(extra[:5]), path=extra[0])
+        if set(root["files"]) != wanted:
+            raise CommitmentError("root_mismatch", "files listed in root differ from the trace", path=ROOT)
+        for rel in sorted(wanted):
+            if D.file_digest(self.root / rel).hex() != root["files"][rel]:
+                raise ManifestMismatchError("hash_mismatch", "file differs from the root", path=rel, step=step_of_path(rel))
+        fields = {k: v for k, v in root.items() if k != "trace_root"}
+        last_state = [e.record["state"] for e in entries if e.record["kind"] != "resume"][-1]
+        if root["final_state"] != last_state:
+            raise CommitmentError("root_mismatch", "final_state is not the last step's state", path=ROOT)
+        trace_root = D.trace_root(fields)
+        if root["trace_root"] != trace_root.hex():
+            raise CommitmentError("root_mismatch", "trace_root does not recompute", path=ROOT)
+        return Integrity(trace_root, num_steps, tuple(entries), root)
+
+    def _tensors(self, rel: str, schema: Schema | None) -> dict[str, Any]:
+        if rel not in self.files:
+            raise ManifestMismatchError("missing_file", "required file absent", path=rel)
+        blob = read_regular_file(self.root, rel, max_bytes=self.limits.max_tensor_file_bytes)
+        tensors = parse_safetensors(blob, path=rel, max_header=self.limits.max_safetensors_header)
+        if schema is not None:
+            check_schema(tensors, schema, path=rel)
+        return tensors
+
+    def checkpoint(self, step: int, schema: Schema | None = None) -> dict[str, Any]:
+        """Trainable tensors after ``step``, checked against ``schema`` when given."""
+        return self._tensors(checkpoint_path(step), schema)
+
+    def anchor(self, step: int, schema: Schema | None = None) -> Anchor:
+        """The anchor at ``step``; its params are checked against ``schema`` when given."""
+        meta = self._json(anchor_path(step, "meta"))
+        if not isinstance(meta, dict) or set(meta) != ANCHOR_META_KEYS or meta["step"] != step:
+            raise TraceFormatError("anchor_invalid", "anchor.json keys or step", path=anchor_path(step, "meta"))
+        parts = {p: self._tensors(anchor_path(step, p), schema if p == "params" else None) for p in ANCHOR_PARTS}
+        return Anchor(step, parts["params"], parts["optimizer"], parts["rng"], meta)

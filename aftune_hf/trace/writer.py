@@ -1,0 +1,226 @@
+"""Append-only, crash-safe writing of a trace (atomic files; the chain line is the commit point)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import digest as D
+from .. import records as R
+from ..errors import RecorderError, TraceFormatError, TraceLockedError
+from ..safeio import atomic_write_bytes, commit_staged, fsync_dir, stage_safetensors
+from .layout import (
+    ANCHOR_META_KEYS, ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, LOCK, ROOT, Anchor, Limits, Schema,
+    expected_files, parse_chain_line, read_json, anchor_path, checkpoint_path, environment,
+)  # fmt: skip
+
+
+class TraceWriter:
+    """Append-only, crash-safe writer of one trace directory (holds an exclusive lock)."""
+
+    def __init__(self, root: Path, header: Mapping[str, Any], entries: list[R.ChainEntry]) -> None:
+        self.root = root
+        self.header = dict(header)
+        self.entries = entries
+        self._head = entries[-1].chain if entries else self.chain_start()
+
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        contract_digest: bytes,
+        contract: Mapping[str, Any],
+        schema: Schema,
+        run_id: str | None = None,
+    ) -> TraceWriter:
+        """Start a new trace in an empty (or absent) directory."""
+        path = Path(root)
+        path.mkdir(parents=True, exist_ok=True)
+        if any(p.name not in (LOCK,) for p in path.iterdir()):
+            raise RecorderError("trace_exists", "directory is not empty; resume instead", path=str(path))
+        _acquire_lock(path)
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "protocol_version": D.PROTOCOL_VERSION,
+            "run_id": run_id or uuid.uuid4().hex,
+            "contract_digest": contract_digest.hex(),
+            "contract": dict(contract),
+            "schema": {n: {"dtype": d, "shape": list(s)} for n, (d, s) in sorted(schema.items())},
+            "environment": environment(),
+        }
+        atomic_write_bytes(path / HEADER, D.canonical_json(header))
+        return cls(path, header, [])
+
+    @classmethod
+    def resume(cls, root: str | os.PathLike[str]) -> TraceWriter:
+        """Reopen a crashed trace: take the lock, drop temp files and a torn chain tail,
+        and delete step files that no committed record references."""
+        path = Path(root)
+        _acquire_lock(path)
+        for tmp in path.rglob(".*.tmp-*"):
+            tmp.unlink()
+        header = read_json(path, HEADER, Limits())
+        data = (path / CHAIN).read_bytes() if (path / CHAIN).exists() else b""
+        good, entries = 0, []
+        head = D.chain_start(bytes.fromhex(header["contract_digest"]), header["run_id"])
+        for line in data.split(b"\n")[:-1] if data else []:
+            try:
+                e = parse_chain_line(line, len(entries) + 1, head)
+            except TraceFormatError:
+                break
+            entries.append(e)
+            head = e.chain
+            good += len(line) + 1
+        if good != len(data):
+            with open(path / CHAIN, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        writer = cls(path, header, entries)
+        writer._remove_orphans()
+        return writer
+
+    def truncate_after(self, step: int) -> None:
+        """Drop every record after the one committing ``step`` (resuming from an earlier step).
+
+        Raises:
+            RecorderError: ``resume_gap`` if ``step`` was never committed.
+        """
+        keep = next((i for i, e in enumerate(self.entries) if e.record["kind"] != "resume" and e.record["step"] == step), None)
+        if keep is None:
+            self.close()
+            raise RecorderError("resume_gap", f"the trace has no committed step {step} (last is {self.last_step})")
+        if keep + 1 < len(self.entries):
+            self.entries = self.entries[: keep + 1]
+            data = b"".join(D.canonical_json(e.to_json()) + b"\n" for e in self.entries)
+            atomic_write_bytes(self.root / CHAIN, data)
+            self._head = self.entries[-1].chain
+            self._remove_orphans()
+
+    def record_for(self, step: int) -> Mapping[str, Any]:
+        """The committed start/step record of ``step``."""
+        return next(e.record for e in self.entries if e.record["kind"] != "resume" and e.record["step"] == step)
+
+    def chain_start(self) -> bytes:
+        return D.chain_start(bytes.fromhex(self.header["contract_digest"]), self.header["run_id"])
+
+    @property
+    def last_step(self) -> int:
+        return max((e.record["step"] for e in self.entries), default=-1)
+
+    def stage_checkpoint(self, step: int, tensors: Mapping[str, Any]) -> list[tuple[Path, Path]]:
+        """Write the checkpoint of ``step`` to a temp file; commit it with :meth:`commit_files`."""
+        (self.root / "checkpoints").mkdir(exist_ok=True)
+        return [stage_safetensors(self.root / checkpoint_path(step), tensors, {"format": "pt"})]
+
+    def stage_anchor(self, anchor: Anchor) -> tuple[bytes, list[tuple[Path, Path]]]:
+        """Hash an anchor and write its files to temp files; returns its digest and the staged files."""
+        if set(anchor.meta) != ANCHOR_META_KEYS or anchor.meta["step"] != anchor.step:
+            raise RecorderError("anchor_invalid", f"meta keys {sorted(anchor.meta)}", step=anchor.step)
+        meta = self.root / anchor_path(anchor.step, "meta")
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        digest = anchor.digest()
+        staged = [stage_safetensors(self.root / anchor_path(anchor.step, p), getattr(anchor, p), {"format": "pt"})
+                  for p in ANCHOR_PARTS]  # fmt: skip
+        tmp = meta.with_name(f".{meta.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp.write_bytes(D.canonical_json(dict(anchor.meta)))
+        return digest, [*staged, (tmp, meta)]
+
+    def commit_files(self, staged: list[tuple[Path, Path]]) -> None:
+        """Make staged files durable and visible (before the record that refers to them)."""
+        for tmp, final in staged:
+            commit_staged(tmp, final)
+        if any(final.parent.parent.name == "anchors" for _, final in staged):
+            fsync_dir(self.root / "anchors")
+
+    def write_checkpoint(self, step: int, tensors: Mapping[str, Any]) -> None:
+        """Write trainable tensors after ``step`` (before the step's record is appended)."""
+        self.commit_files(self.stage_checkpoint(step, tensors))
+
+    def write_anchor(self, anchor: Anchor) -> bytes:
+        """Write an anchor's four files; return its digest (to put in the step's record)."""
+        digest, staged = self.stage_anchor(anchor)
+        self.commit_files(staged)
+        return digest
+
+    def append(self, record: Mapping[str, Any]) -> R.ChainEntry:
+        """Commit ``record``: one canonical JSON line, appended and fsynced."""
+        entry = R.link(self._head, len(self.entries) + 1, record)
+        line = D.canonical_json(entry.to_json()) + b"\n"
+        try:
+            fd = os.open(self.root / CHAIN, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise RecorderError("write_failed", f"{e.strerror or e}", path=CHAIN) from e
+        self.entries.append(entry)
+        self._head = entry.chain
+        return entry
+
+    def finalize(self, card: str, final_state: bytes) -> dict[str, Any]:
+        """Write the card and ``root.json``; release the lock. Returns the root record."""
+        R.check_sequence(self.entries)
+        atomic_write_bytes(self.root / CARD, card.encode("utf-8"))
+        files = {rel: D.file_digest(self.root / rel).hex() for rel in sorted(expected_files(self.entries))}
+        fields = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "protocol_version": D.PROTOCOL_VERSION,
+            "run_id": self.header["run_id"],
+            "contract_digest": self.header["contract_digest"],
+            "chain_head": self._head.hex(),
+            "records_root": D.RECORD_TREE.root_from_hashes([e.leaf for e in self.entries]).hex(),
+            "num_records": len(self.entries),
+            "num_steps": R.check_sequence(self.entries),
+            "final_state": final_state.hex(),
+            "files": files,
+        }
+        root = {**fields, "trace_root": D.trace_root(fields).hex()}
+        atomic_write_bytes(self.root / ROOT, D.canonical_json(root))
+        self.close()
+        return root
+
+    def close(self) -> None:
+        (self.root / LOCK).unlink(missing_ok=True)
+
+    def _remove_orphans(self) -> None:
+        keep = expected_files(self.entries) - {CARD}
+        for sub in ("checkpoints", "anchors"):
+            for p in sorted((self.root / sub).rglob("*"), reverse=True) if (self.root / sub).exists() else []:
+                rel = p.relative_to(self.root).as_posix()
+                if p.is_file() and rel not in keep:
+                    p.unlink()
+                elif p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+        (self.root / ROOT).unlink(missing_ok=True)
+        (self.root / CARD).unlink(missing_ok=True)
+
+
+def _acquire_lock(path: Path) -> None:
+    try:
+        fd = os.open(path / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = (path / LOCK).read_text(errors="replace").strip()
+        if holder.isdigit() and not _pid_alive(int(holder)):
+            (path / LOCK).unlink()
+            return _acquire_lock(path)
+        raise TraceLockedError("trace_locked", f"held by pid {holder}", path=str(path)) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
