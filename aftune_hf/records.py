@@ -36,7 +36,11 @@ _KEYS = {
     "start": {"kind", "step", "state", "anchor"},
     "step": {"kind", "step", "batches", "num_items", "loss", "lr", "grad_norm", "state", "checkpoint", "anchor"},
     "resume": {"kind", "step", "reason"},
+    "call": {"kind", "call", "rows", "config", "weights", "seed", "tensors"},
 }  # fmt: skip
+_CONFIG_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+                "min_new_tokens", "eos_token_id", "pad_token_id"}  # fmt: skip
+_WEIGHT_KEYS = {"params", "model", "adapter"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,15 @@ def resume_record(*, step: int, reason: str) -> dict[str, Any]:
     return {"kind": "resume", "step": step, "reason": reason[:200]}
 
 
+def call_record(
+    *, call: int, rows: int, config: Mapping[str, Any], weights: Mapping[str, str | None], seed: bytes | None,
+    tensors: bytes,
+) -> dict[str, Any]:
+    """The record of one ``generate`` call: decoding config, served weights, seed, tensor digest."""
+    return {"kind": "call", "call": call, "rows": rows, "config": dict(config), "weights": dict(weights),
+            "seed": None if seed is None else seed.hex(), "tensors": tensors.hex()}  # fmt: skip
+
+
 def _bad(detail: str, step: Any = None) -> TraceFormatError:
     return TraceFormatError("record_invalid", detail, step=step if isinstance(step, int) else None)
 
@@ -119,8 +132,10 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
     step = rec.get("step")
     if set(rec) != _KEYS[rec["kind"]]:
         raise _bad(f"{rec['kind']} record keys {sorted(rec)}", step)
-    _int(step, "step", step)
     kind = rec["kind"]
+    if kind == "call":
+        return _validate_call(rec)
+    _int(step, "step", step)
     if kind == "start":
         if step != 0:
             raise _bad("start record must be step 0", step)
@@ -150,6 +165,26 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
             raise _bad("checkpoint must be a boolean", step)
         if rec["anchor"] is not None:
             check_hex(rec["anchor"], "anchor", step)
+    return rec
+
+
+def _validate_call(rec: dict[str, Any]) -> dict[str, Any]:
+    _int(rec["call"], "call", None, lo=1)
+    _int(rec["rows"], "rows", None, lo=1)
+    cfg, w = rec["config"], rec["weights"]
+    if not isinstance(cfg, dict) or set(cfg) != _CONFIG_KEYS:
+        raise _bad("call config keys")
+    for k, v in cfg.items():
+        if not (v is None or type(v) in (bool, int) or (isinstance(v, str) and len(v) < 40)):
+            raise _bad(f"call config {k}")
+    if not isinstance(w, dict) or set(w) != _WEIGHT_KEYS:
+        raise _bad("call weights keys")
+    for k, v in w.items():
+        if v is not None:
+            check_hex(v, f"weights.{k}")
+    if rec["seed"] is not None:
+        check_hex(rec["seed"], "seed")
+    check_hex(rec["tensors"], "tensors")
     return rec
 
 

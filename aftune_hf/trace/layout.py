@@ -6,6 +6,7 @@ This package (``aftune_hf.trace``) is the ONLY place that knows the trace's file
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from collections.abc import Mapping
@@ -15,8 +16,10 @@ from typing import Any
 
 from .. import digest as D
 from .. import records as R
-from ..errors import CommitmentError, ManifestMismatchError, TraceFormatError
-from ..safeio import loads_json_strict, read_regular_file
+from ..errors import (
+    CommitmentError, ManifestMismatchError, PathSafetyError, ResourceLimitError, TraceFormatError, UnsafeContentError,
+)  # fmt: skip
+from ..safeio import loads_json_strict, read_regular_file, validate_relpath
 from ..statecodec import decode_optimizer, decode_rng, from_json_value
 
 FORMAT = "aftune-trace"
@@ -129,20 +132,34 @@ def expected_files(entries: list[R.ChainEntry]) -> set[str]:
     return files
 
 
-def parse_chain_line(line: bytes, index: int, prev: bytes) -> R.ChainEntry:
-    obj = loads_json_strict(line, path=CHAIN)
+def parse_chain_line(line: bytes, index: int, prev: bytes, path: str = CHAIN) -> R.ChainEntry:
+    """Parse and re-commit one chain line; its leaf and chain hash must recompute."""
+    obj = loads_json_strict(line, path=path)
     if not isinstance(obj, dict) or set(obj) != {"i", "record", "leaf", "chain"}:
-        raise TraceFormatError("chain_invalid", f"line {index}: keys", path=CHAIN)
+        raise TraceFormatError("chain_invalid", f"line {index}: keys", path=path)
     if obj["i"] != index or type(obj["i"]) is not int:
-        raise CommitmentError("chain_order", f"line {index} says i={obj['i']!r}", path=CHAIN)
+        raise CommitmentError("chain_order", f"line {index} says i={obj['i']!r}", path=path)
     entry = R.link(prev, index, obj["record"])
+    step = entry.record.get("step", entry.record.get("call"))
     if obj["leaf"] != entry.leaf.hex():
-        raise CommitmentError("leaf_mismatch", f"record {index}", path=CHAIN, step=obj["record"]["step"])
+        raise CommitmentError("leaf_mismatch", f"record {index}", path=path, step=step)
     if obj["chain"] != entry.chain.hex():
-        raise CommitmentError("chain_break", f"record {index}", path=CHAIN, step=obj["record"]["step"])
+        raise CommitmentError("chain_break", f"record {index}", path=path, step=step)
     if line != D.canonical_json(obj):
-        raise TraceFormatError("chain_invalid", f"line {index} is not canonical JSON", path=CHAIN)
+        raise TraceFormatError("chain_invalid", f"line {index} is not canonical JSON", path=path)
     return entry
+
+
+def parse_chain(data: bytes, head: bytes, path: str = CHAIN) -> list[R.ChainEntry]:
+    """Every line of a chain file, in order; a torn last line is an error."""
+    if data and not data.endswith(b"\n"):
+        raise TraceFormatError("chain_torn", "last line is incomplete", path=path)
+    out: list[R.ChainEntry] = []
+    for line in data.split(b"\n")[:-1]:
+        e = parse_chain_line(line, len(out) + 1, head, path)
+        out.append(e)
+        head = e.chain
+    return out
 
 
 def read_json(root: Path, rel: str, limits: Limits) -> Any:
@@ -162,3 +179,41 @@ def check_schema(tensors: Mapping[str, Any], schema: Schema, *, path: str) -> No
             raise ManifestMismatchError(
                 "tensor_schema", f"{name}: {D.dtype_name(t.dtype)}{list(t.shape)} != {dtype}{list(shape)}", path=path
             )
+
+
+def scan_files(root: Path, limits: Limits) -> dict[str, int]:
+    """Every regular file under ``root`` (relative path -> size), refusing anything unsafe.
+
+    Raises:
+        PathSafetyError: symlinks, hard links, special files, unsafe names, too deep.
+        UnsafeContentError: pickle-like files (never opened).
+        ResourceLimitError: more files than ``limits.max_files``.
+    """
+    if root.is_symlink() or not root.is_dir():
+        raise PathSafetyError("not_a_directory", "must be a real directory", path=str(root))
+    files: dict[str, int] = {}
+    stack = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        with os.scandir(directory) as it:
+            for entry in it:
+                rel = prefix + entry.name
+                if len(files) >= limits.max_files:
+                    raise ResourceLimitError("too_many_files", f"> {limits.max_files}")
+                if rel in IGNORED:
+                    continue
+                validate_relpath(rel, max_depth=limits.max_depth)
+                if entry.is_symlink():
+                    raise PathSafetyError("symlink", "symbolic links are not allowed", path=rel)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((Path(entry.path), rel + "/"))
+                elif entry.is_file(follow_symlinks=False):
+                    if rel.lower().endswith(PICKLE_SUFFIXES):
+                        raise UnsafeContentError("pickle_not_allowed", "never opened", path=rel)
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_nlink > 1:
+                        raise PathSafetyError("hardlink", "hard-linked file", path=rel)
+                    files[rel] = st.st_size
+                else:
+                    raise PathSafetyError("special_file", "not a regular file", path=rel)
+    return files

@@ -12,12 +12,12 @@ from typing import Any
 from .. import digest as D
 from .. import records as R
 from ..errors import (
-    CommitmentError, ManifestMismatchError, PathSafetyError, ResourceLimitError, TraceFormatError, UnsafeContentError,
+    CommitmentError, ManifestMismatchError, TraceFormatError,
 )  # fmt: skip
-from ..safeio import parse_safetensors, read_regular_file, validate_relpath
+from ..safeio import parse_safetensors, read_regular_file
 from .layout import (
-    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, IGNORED, PICKLE_SUFFIXES, ROOT, Anchor,
-    Limits, Schema, expected_files, parse_chain_line, read_json, anchor_path, check_schema, checkpoint_path, step_of_path,
+    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, ROOT, Anchor,
+    Limits, Schema, expected_files, parse_chain, read_json, scan_files, anchor_path, check_schema, checkpoint_path, step_of_path,
 )  # fmt: skip
 
 
@@ -49,37 +49,7 @@ class TraceReader:
     def __init__(self, root: str | os.PathLike[str], *, limits: Limits = Limits()) -> None:
         self.root = Path(root)
         self.limits = limits
-        if self.root.is_symlink() or not self.root.is_dir():
-            raise PathSafetyError("not_a_directory", "trace must be a real directory", path=str(root))
-        self.files = self._scan()
-
-    def _scan(self) -> dict[str, int]:
-        files: dict[str, int] = {}
-        stack = [(self.root, "")]
-        while stack:
-            directory, prefix = stack.pop()
-            with os.scandir(directory) as it:
-                for entry in it:
-                    rel = prefix + entry.name
-                    if len(files) >= self.limits.max_files:
-                        raise ResourceLimitError("too_many_files", f"> {self.limits.max_files}")
-                    if rel in IGNORED:
-                        continue
-                    validate_relpath(rel, max_depth=self.limits.max_depth)
-                    if entry.is_symlink():
-                        raise PathSafetyError("symlink", "symbolic links are not allowed", path=rel)
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append((Path(entry.path), rel + "/"))
-                    elif entry.is_file(follow_symlinks=False):
-                        if rel.lower().endswith(PICKLE_SUFFIXES):
-                            raise UnsafeContentError("pickle_not_allowed", "never opened", path=rel)
-                        st = entry.stat(follow_symlinks=False)
-                        if st.st_nlink > 1:
-                            raise PathSafetyError("hardlink", "hard-linked file", path=rel)
-                        files[rel] = st.st_size
-                    else:
-                        raise PathSafetyError("special_file", "not a regular file", path=rel)
-        return files
+        self.files = scan_files(self.root, limits)
 
     # -- parts ------------------------------------------------------------------------------
 
@@ -118,15 +88,10 @@ class TraceReader:
         if CHAIN not in self.files:
             raise ManifestMismatchError("missing_file", "no chain", path=CHAIN)
         data = read_regular_file(self.root, CHAIN, max_bytes=self.limits.max_chain_bytes)
-        if data and not data.endswith(b"\n"):
-            raise TraceFormatError("chain_torn", "last line is incomplete", path=CHAIN)
-        head = D.chain_start(bytes.fromhex(h["contract_digest"]), h["run_id"])
-        out: list[R.ChainEntry] = []
-        for line in data.split(b"\n")[:-1]:
-            e = parse_chain_line(line, len(out) + 1, head)
-            out.append(e)
-            head = e.chain
-        return out
+        entries = parse_chain(data, D.chain_start(bytes.fromhex(h["contract_digest"]), h["run_id"]))
+        if any(e.record["kind"] == "call" for e in entries):
+            raise TraceFormatError("record_invalid", "an inference record in a training trace", path=CHAIN)
+        return entries
 
     def root_record(self) -> dict[str, Any]:
         r = self._json(ROOT)
