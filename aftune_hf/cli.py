@@ -4,6 +4,7 @@
     aftune inspect TRACE          check a trace's integrity and summarise it
     aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
+    aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX]
 
 Exit codes: 0 success, 1 the trace failed a check (provider fault), 2 usage or
 environment error. Set ``AFTUNE_DEBUG=1`` for tracebacks.
@@ -94,6 +95,20 @@ def _verify(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _verify_inference(args: argparse.Namespace) -> int:
+    from .verify_inference import verify_inference
+
+    if not os.path.isdir(args.log):
+        raise ConfigError("log_not_found", "no such directory", path=args.log)
+    log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
+    report = verify_inference(args.log, args.contract, trace=args.trace, calls=args.calls, nonce=args.nonce,
+                              num_calls=args.num_calls, log_fn=log)  # fmt: skip
+    if args.report:
+        report.write(args.report)
+    print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.summary())
+    return report.exit_code
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
@@ -127,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by scripts/verify.py to split work
     p.add_argument("--no-data-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_verify)
+    p = sub.add_parser("verify-inference", help="spot-check committed inference calls with one forward pass each")
+    p.add_argument("log")
+    p.add_argument("--contract", required=True, help="your own copy of the contract")
+    p.add_argument("--trace", help="the audited training trace (its final state must have served the calls)")
+    p.add_argument("--calls", help="JSON file of the calls you made (prompt and output per row)")
+    p.add_argument("--nonce", help="hex; picks the calls to check when --calls is absent")
+    p.add_argument("--num-calls", type=int, help="calls to sample (default: the contract's audit.inference_calls)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_verify_inference)
     p = sub.add_parser("calibrate", help="measure honest replay noise here against a trace recorded elsewhere")
     p.add_argument("trace")
     p.add_argument("--contract", required=True)

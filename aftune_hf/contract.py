@@ -101,6 +101,8 @@ class Audit:
     mode: Literal["exact", "tolerance"] = "exact"
     tolerance: float = 0.0
     windows: int = 4
+    inference_calls: int = 8
+    inference_rtol: float = 1e-4
 
 
 @dataclass(frozen=True)

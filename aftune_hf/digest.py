@@ -55,6 +55,7 @@ CONTEXTS: dict[str, str] = {
         "anchor",
         "challenge",
         "window stream",
+        "uniform",
     )
 }
 _BIG_BUFFER = 128 << 20  # use every core only for buffers this large (threads cost more on small ones)
@@ -391,6 +392,13 @@ class _XofStream:
             x = self._next_u64()
             if x < limit:
                 return x % n
+
+
+def uniform(seed: bytes, row: int, position: int) -> float:
+    """The sampling uniform of generated token ``position`` of batch row ``row``: a float64 in [0, 1)
+    from the top 53 bits of ``H_uniform(lp(seed) || u64(row) || u64(position))``."""
+    x = int.from_bytes(hash_bytes("uniform", lp(seed), u64(row), u64(position))[:8], "big")
+    return (x >> 11) * 2.0**-53
 
 
 def sample_windows(seed: bytes, n_windows: int, k: int) -> list[int]:

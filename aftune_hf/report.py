@@ -65,6 +65,18 @@ class WindowResult:
 
 
 @dataclass(frozen=True)
+class CallResult:
+    """One checked inference call row: tokens re-checked by a teacher-forced pass."""
+
+    call: int
+    row: int
+    ok: bool
+    tokens: int
+    max_activation_error: float = 0.0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class DataCheck:
     """The all-steps data check: every micro-batch digest re-derived from the client's data."""
 
@@ -117,6 +129,7 @@ class VerificationReport:
     failures: tuple[Failure, ...] = ()
     error: str | None = None
     seconds: float = 0.0
+    calls: tuple[CallResult, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -148,6 +161,9 @@ class VerificationReport:
             dist = [s.distance for s in w.steps if s.distance is not None]
             extra = f", max distance {max(dist):.2e}" if dist else ""
             lines.append(f"  window {w.index} steps {w.start + 1}-{w.end}: {'ok' if w.ok else 'FAIL'} ({w.seconds:.1f} s{extra})")
+        for c in self.calls:
+            lines.append(f"  call {c.call} row {c.row}: {'ok' if c.ok else 'FAIL'} ({c.tokens} tokens, "
+                         f"max activation error {c.max_activation_error:.1e}){': ' + c.detail if c.detail else ''}")  # fmt: skip
         if self.detection:
             d = self.detection
             probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())
@@ -171,6 +187,7 @@ def report_from_json(data: dict[str, Any]) -> VerificationReport:
             if data.get("data_check") else None,
             "detection": Detection(**data["detection"]) if data.get("detection") else None,
             "failures": tuple(Failure(**f) for f in data.get("failures", [])),
+            "calls": tuple(CallResult(**c) for c in data.get("calls", [])),
         }
     )  # fmt: skip
 
@@ -192,4 +209,5 @@ def merge_reports(parts: list[VerificationReport]) -> VerificationReport:
     return VerificationReport(
         verdict, first.contract_digest, first.mode, first.trace_root, first.nonce, first.seed, first.num_steps,
         windows, data, first.detection, failures, "; ".join(errors) or None, max(p.seconds for p in parts),
+        tuple(c for p in parts for c in p.calls),
     )  # fmt: skip

@@ -1,0 +1,228 @@
+"""Spot-check inference calls: one teacher-forced forward pass per call, with the audited weights.
+
+For each checked call row: the served-weights digests must equal the audited model's (the final
+state of the training trace, or the contract's base model); the prompt and output must equal what
+the client holds (when it supplies them); the committed activations must match the recomputed
+final hidden states within the contract's ``audit.inference_rtol``; and every output token must
+follow from the committed decoding settings -- greedy: the argmax up to a tie margin; sampled: the
+committed uniform falls in that token's interval of the recomputed distribution.
+
+Example:
+    >>> report = verify_inference("runs/log", "contract.yaml", trace="runs/trace", nonce="ab")  # doctest: +SKIP
+    >>> report.verdict                                                                       # doctest: +SKIP
+    'PASS'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import digest as D
+from .contract import Contract, load_contract
+from .errors import AftuneError, ConfigError, ProviderFault
+from .generate import sampling_cdf, served_weights
+from .live import trainable_params
+from .replay import build_recipe
+from .report import ERROR, FAIL, PASS, CallResult, Detection, Failure, VerificationReport
+from .trace import TraceReader
+from .trace.inference import InferenceLogReader
+from .verify import check_structure
+
+TIE_MARGIN = 1e-4  # relative to the largest |logit|: greedy ties within this are accepted
+CDF_TOLERANCE = 1e-6  # a sampled uniform this close to its token's interval is accepted
+
+
+def audited_model(contract: Contract, trace: str | Path | None, work: Path) -> tuple[Any, str | None]:
+    """The model the client audited: the trace's final state, or the contract's base model."""
+    model = build_recipe(contract, work / "model").model
+    if trace is None:
+        return (model.unload() if hasattr(model, "unload") else model), None
+    reader = TraceReader(trace)
+    integrity = check_structure(reader, contract, work / "structure")
+    final = reader.checkpoint(integrity.num_steps, reader.schema())
+    with torch.no_grad():
+        for n, p in trainable_params(model).items():
+            p.copy_(final[n])
+    return model, integrity.root["final_state"]
+
+
+def load_client_calls(path: str | Path) -> dict[int, dict[str, Any]]:
+    """The calls the client made: ``{"calls": [{"call": 1, "rows": [{"prompt": [...], "output": [...]}],
+    "config": {"temperature": 0.7, ...}}]}`` (``config`` optional, any subset of the committed keys)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {int(c["call"]): c for c in data["calls"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError("calls_invalid", f"cannot read the calls file: {e}", path=str(path)) from None
+
+
+def _same_setting(want: Any, have: Any) -> bool:
+    if isinstance(have, str):  # committed floats are hex
+        have = D.decode_float(have)
+    return want == have or (isinstance(want, (int, float)) and isinstance(have, float) and float(want) == have)
+
+
+def check_row(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], row: int,
+              rtol: float) -> CallResult:  # fmt: skip
+    """Teacher-force one row and check activations and every token's decoding."""
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    cfg = record["config"]
+    prompt, output = tensors[f"prompt.{row}"], tensors[f"output.{row}"]
+    idx, val = tensors[f"act_index.{row}"].long(), tensors[f"act_value.{row}"]
+    n, p = len(output), len(prompt)
+    call = record["call"]
+    if n == 0 or p == 0:
+        return CallResult(call, row, False, n, 0.0, "empty prompt or output")
+    if output[-1] != cfg["eos_token_id"] and n != cfg["max_new_tokens"] or n > cfg["max_new_tokens"]:
+        return CallResult(call, row, False, n, 0.0, "output length inconsistent with eos/max_new_tokens")
+    ids = torch.cat([prompt, output])[None]
+    head = model.get_output_embeddings()
+    hidden: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, a: hidden.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+    finally:
+        handle.remove()
+    h = hidden[-1][0, p - 1 : p - 1 + n].float()
+    if idx.max() >= h.shape[-1] or idx.min() < 0:
+        return CallResult(call, row, False, n, 0.0, "activation index out of range")
+    got = h.gather(-1, idx[:, None])[:, 0]
+    top = h.abs().max(-1).values
+    scale = val.abs().clamp_min(1e-6)
+    err = float(((got - val).abs() / scale).max())
+    if err > rtol or bool((got.abs() < top - rtol * top).any()):
+        return CallResult(call, row, False, n, err, f"activations differ (max relative error {err:.2e} > {rtol:.0e})")
+    processors = []
+    if cfg["repetition_penalty"] not in (None, 1.0, D.encode_float(1.0)):
+        processors.append(RepetitionPenaltyLogitsProcessor(D.decode_float(cfg["repetition_penalty"])))
+    if cfg["min_new_tokens"]:
+        processors.append(MinNewTokensLengthLogitsProcessor(p, cfg["min_new_tokens"], cfg["eos_token_id"]))
+    seed = bytes.fromhex(record["seed"]) if record["seed"] else None
+    if cfg["do_sample"] and seed is None:
+        return CallResult(call, row, False, n, err, "sampled call without a seed")
+    for t in range(n):
+        context = ids[:, : p + t]
+        scores = logits[p - 1 + t][None]
+        for proc in processors:
+            scores = proc(context, scores)
+        token = int(output[t])
+        if not cfg["do_sample"]:
+            best = float(scores.max())
+            if float(scores[0, token]) < best - TIE_MARGIN * max(1.0, abs(best)):
+                return CallResult(call, row, False, n, err, f"token {t} is not the greedy choice")
+            continue
+        cdf = sampling_cdf(scores, context, cfg)[0]
+        u = D.uniform(seed, row, t) * float(cdf[-1])
+        lo, hi = (float(cdf[token - 1]) if token else 0.0), float(cdf[token])
+        if not (lo - CDF_TOLERANCE <= u <= hi + CDF_TOLERANCE) or (hi - lo <= 0 and not math.isclose(u, lo, abs_tol=CDF_TOLERANCE)):
+            return CallResult(call, row, False, n, err, f"token {t} does not follow from the committed sampling")
+    return CallResult(call, row, True, n, err)
+
+
+def verify_inference(
+    log: str | Path,
+    contract: Contract | str | Path,
+    *,
+    trace: str | Path | None = None,
+    calls: str | Path | None = None,
+    nonce: str | bytes | None = None,
+    num_calls: int | None = None,
+    log_fn: Any = None,
+) -> VerificationReport:
+    """Verify an inference log against the client's contract (and the audited training trace)."""
+    say = log_fn or (lambda _m: None)
+    t0 = time.perf_counter()
+    c = contract if isinstance(contract, Contract) else load_contract(contract)
+    nonce_bytes = bytes.fromhex(nonce) if isinstance(nonce, str) else (nonce or os.urandom(16))
+    base = dict(contract_digest=c.digest_hex(), mode="inference", nonce=nonce_bytes.hex())
+    failures: list[Failure] = []
+    try:
+        client = load_client_calls(calls) if calls else None
+        with tempfile.TemporaryDirectory(prefix="aftune-verify-inference-") as tmp:
+            try:
+                say("reading the inference log")
+                reader = InferenceLogReader(log)
+                integrity = reader.check_integrity()
+                say("building the audited model")
+                model, final_state = audited_model(c, trace, Path(tmp))
+            except ProviderFault as e:
+                failures.append(Failure("structure", e.code, f"{e.detail}{f' ({e.path})' if e.path else ''}", e.step))
+                return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
+            model.eval()
+            expected = served_weights(model)
+            entries = {e.record["call"]: e for e in integrity.entries}
+            n = integrity.num_calls
+            seed = D.challenge_seed(integrity.log_root, nonce_bytes)
+            if client is not None:
+                chosen = sorted(client)
+            else:
+                chosen = [i + 1 for i in D.sample_windows(seed, n, num_calls or c.audit.inference_calls)]
+            results = []
+            for call in chosen:
+                entry = entries.get(call)
+                if entry is None:
+                    failures.append(Failure("inference", "call_unpublished", "no published root covers this call", call))
+                    continue
+                rec = entry.record
+                if rec["weights"] != expected or (final_state and final_state not in (rec["weights"]["adapter"], rec["weights"]["params"])):
+                    failures.append(Failure("inference", "weights_mismatch", "the call was not served by the audited model", call))
+                    continue
+                try:
+                    tensors = reader.call_tensors(entry)
+                except ProviderFault as e:
+                    failures.append(Failure("inference", e.code, e.detail, call))
+                    continue
+                say(f"checking call {call} ({rec['rows']} rows)")
+                mismatch = _client_mismatch(client.get(call) if client else None, rec, tensors)
+                if mismatch:
+                    failures.append(Failure("inference", "client_mismatch", mismatch, call))
+                    continue
+                for row in range(rec["rows"]):
+                    res = check_row(model, rec, tensors, row, c.audit.inference_rtol)
+                    results.append(res)
+                    if not res.ok:
+                        failures.append(Failure("inference", "call_mismatch", f"row {row}: {res.detail}", call))
+            verdict = PASS if not failures and results else FAIL
+            if not results and not failures:
+                failures.append(Failure("inference", "nothing_checked", "no call was checked"))
+            return VerificationReport(
+                verdict, **base, trace_root=integrity.log_root.hex(), seed=seed.hex(), num_steps=n,
+                detection=Detection.compute(n, len(chosen)), failures=tuple(failures), calls=tuple(results),
+                seconds=time.perf_counter() - t0,
+            )  # fmt: skip
+    except ConfigError:
+        raise
+    except (OSError, MemoryError, ImportError, AftuneError) as e:
+        if isinstance(e, ProviderFault):
+            failures.append(Failure("structure", e.code, e.detail, e.step))
+            return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
+        return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+
+def _client_mismatch(client: Mapping[str, Any] | None, rec: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
+    """What differs between the client's copy of a call and the committed one ('' if nothing)."""
+    if client is None:
+        return ""
+    rows = client.get("rows", [])
+    if len(rows) != rec["rows"]:
+        return f"the client made {len(rows)} rows, the log has {rec['rows']}"
+    for r, row in enumerate(rows):
+        if list(row.get("prompt", [])) != tensors[f"prompt.{r}"].tolist():
+            return f"row {r}: prompt differs from what the client sent"
+        if list(row.get("output", [])) != tensors[f"output.{r}"].tolist():
+            return f"row {r}: output differs from what the client received"
+    for key, want in (client.get("config") or {}).items():
+        if key not in rec["config"] or not _same_setting(want, rec["config"][key]):
+            return f"decoding setting {key}: client asked {want!r}, the log says {rec['config'].get(key)!r}"
+    return ""
