@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -71,62 +70,85 @@ def _same_setting(want: Any, have: Any) -> bool:
     return want == have or (isinstance(want, (int, float)) and isinstance(have, float) and float(want) == have)
 
 
-def check_row(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], row: int,
-              rtol: float) -> CallResult:  # fmt: skip
-    """Teacher-force one row and check activations and every token's decoding."""
+def _teacher_forced(model: Any, tensors: Mapping[str, torch.Tensor], rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass over every row's prompt + output (right-padded): per row the final hidden
+    states and logits at the positions that produced each output token."""
+    seqs = [torch.cat([tensors[f"prompt.{r}"], tensors[f"output.{r}"]]) for r in range(rows)]
+    width = max(len(x) for x in seqs)
+    ids = torch.zeros(rows, width, dtype=torch.int64)
+    mask = torch.zeros(rows, width, dtype=torch.int64)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)], mask[r, : len(x)] = x, 1
+    hidden: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: hidden.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    finally:
+        handle.remove()
+    out = []
+    for r in range(rows):
+        p, n = len(tensors[f"prompt.{r}"]), len(tensors[f"output.{r}"])
+        out.append((hidden[-1][r, p - 1 : p - 1 + n].float(), logits[r, p - 1 : p - 1 + n]))
+    return out
+
+
+def check_call(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], rtol: float) -> list[CallResult]:
+    """Teacher-force every row of a call and check activations and every token's decoding."""
+    rows, call = record["rows"], record["call"]
+    bad = [r for r in range(rows) if not len(tensors[f"prompt.{r}"]) or not len(tensors[f"output.{r}"])]
+    if bad:
+        return [CallResult(call, r, False, 0, 0.0, "empty prompt or output") for r in bad]
+    forward = _teacher_forced(model, tensors, rows)
+    return [check_row(record, tensors, r, h, logits, rtol) for r, (h, logits) in enumerate(forward)]
+
+
+def check_row(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], row: int, h: torch.Tensor,
+              logits: torch.Tensor, rtol: float) -> CallResult:  # fmt: skip
+    """Check one row against its recomputed hidden states ``h`` and logits (one per output token)."""
     from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-    cfg = record["config"]
+    cfg, call = record["config"], record["call"]
     prompt, output = tensors[f"prompt.{row}"], tensors[f"output.{row}"]
     idx, val = tensors[f"act_index.{row}"].long(), tensors[f"act_value.{row}"]
     n, p = len(output), len(prompt)
-    call = record["call"]
-    if n == 0 or p == 0:
-        return CallResult(call, row, False, n, 0.0, "empty prompt or output")
     if output[-1] != cfg["eos_token_id"] and n != cfg["max_new_tokens"] or n > cfg["max_new_tokens"]:
         return CallResult(call, row, False, n, 0.0, "output length inconsistent with eos/max_new_tokens")
-    ids = torch.cat([prompt, output])[None]
-    head = model.get_output_embeddings()
-    hidden: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, a: hidden.append(a[0].detach()))
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].float()
-    finally:
-        handle.remove()
-    h = hidden[-1][0, p - 1 : p - 1 + n].float()
     if idx.max() >= h.shape[-1] or idx.min() < 0:
         return CallResult(call, row, False, n, 0.0, "activation index out of range")
     got = h.gather(-1, idx[:, None])[:, 0]
     top = h.abs().max(-1).values
-    scale = val.abs().clamp_min(1e-6)
-    err = float(((got - val).abs() / scale).max())
+    err = float(((got - val).abs() / val.abs().clamp_min(1e-6)).max())
     if err > rtol or bool((got.abs() < top - rtol * top).any()):
         return CallResult(call, row, False, n, err, f"activations differ (max relative error {err:.2e} > {rtol:.0e})")
-    processors = []
-    if cfg["repetition_penalty"] not in (None, 1.0, D.encode_float(1.0)):
-        processors.append(RepetitionPenaltyLogitsProcessor(D.decode_float(cfg["repetition_penalty"])))
-    if cfg["min_new_tokens"]:
-        processors.append(MinNewTokensLengthLogitsProcessor(p, cfg["min_new_tokens"], cfg["eos_token_id"]))
     seed = bytes.fromhex(record["seed"]) if record["seed"] else None
     if cfg["do_sample"] and seed is None:
         return CallResult(call, row, False, n, err, "sampled call without a seed")
-    for t in range(n):
-        context = ids[:, : p + t]
-        scores = logits[p - 1 + t][None]
-        for proc in processors:
-            scores = proc(context, scores)
-        token = int(output[t])
-        if not cfg["do_sample"]:
-            best = float(scores.max())
-            if float(scores[0, token]) < best - TIE_MARGIN * max(1.0, abs(best)):
-                return CallResult(call, row, False, n, err, f"token {t} is not the greedy choice")
-            continue
-        cdf = sampling_cdf(scores, context, cfg)[0]
-        u = D.uniform(seed, row, t) * float(cdf[-1])
-        lo, hi = (float(cdf[token - 1]) if token else 0.0), float(cdf[token])
-        if not (lo - CDF_TOLERANCE <= u <= hi + CDF_TOLERANCE) or (hi - lo <= 0 and not math.isclose(u, lo, abs_tol=CDF_TOLERANCE)):
-            return CallResult(call, row, False, n, err, f"token {t} does not follow from the committed sampling")
+    ids = torch.cat([prompt, output])[None]
+    scores = logits.clone()
+    if cfg["repetition_penalty"] is not None and D.decode_float(cfg["repetition_penalty"]) != 1.0:
+        penalty = RepetitionPenaltyLogitsProcessor(D.decode_float(cfg["repetition_penalty"]))
+        scores = torch.cat([penalty(ids[:, : p + t], scores[t : t + 1]) for t in range(n)])
+    if cfg["min_new_tokens"]:
+        eos = MinNewTokensLengthLogitsProcessor(p, cfg["min_new_tokens"], cfg["eos_token_id"])
+        scores = torch.cat([eos(ids[:, : p + t], scores[t : t + 1]) for t in range(min(n, cfg["min_new_tokens"]))]
+                           + [scores[cfg["min_new_tokens"] :]])  # fmt: skip
+    chosen = output[:, None]
+    if not cfg["do_sample"]:
+        best = scores.max(-1).values
+        margin = TIE_MARGIN * best.abs().clamp_min(1.0)
+        wrong = (scores.gather(-1, chosen)[:, 0] < best - margin).nonzero()
+        if len(wrong):
+            return CallResult(call, row, False, n, err, f"token {int(wrong[0, 0])} is not the greedy choice")
+        return CallResult(call, row, True, n, err)
+    cdf = sampling_cdf(scores, ids[:, :p].expand(n, -1), cfg)
+    u = torch.tensor([D.uniform(seed, row, t) for t in range(n)], dtype=cdf.dtype) * cdf[:, -1]
+    hi = cdf.gather(-1, chosen)[:, 0]
+    lo = torch.where(chosen[:, 0] > 0, cdf.gather(-1, (chosen - 1).clamp_min(0))[:, 0], torch.zeros_like(hi))
+    outside = (u < lo - CDF_TOLERANCE) | (u > hi + CDF_TOLERANCE) | ((hi - lo <= 0) & ((u - lo).abs() > CDF_TOLERANCE))
+    wrong = outside.nonzero()
+    if len(wrong):
+        return CallResult(call, row, False, n, err, f"token {int(wrong[0, 0])} does not follow from the committed sampling")
     return CallResult(call, row, True, n, err)
 
 
@@ -188,11 +210,10 @@ def verify_inference(
                 if mismatch:
                     failures.append(Failure("inference", "client_mismatch", mismatch, call))
                     continue
-                for row in range(rec["rows"]):
-                    res = check_row(model, rec, tensors, row, c.audit.inference_rtol)
+                for res in check_call(model, rec, tensors, c.audit.inference_rtol):
                     results.append(res)
                     if not res.ok:
-                        failures.append(Failure("inference", "call_mismatch", f"row {row}: {res.detail}", call))
+                        failures.append(Failure("inference", "call_mismatch", f"row {res.row}: {res.detail}", call))
             verdict = PASS if not failures and results else FAIL
             if not results and not failures:
                 failures.append(Failure("inference", "nothing_checked", "no call was checked"))

@@ -1,0 +1,87 @@
+"""Committed inference: recording overhead, commitment size, verification cost -- side by side.
+
+    python scripts/bench_inference.py [--hidden 512 --layers 6 --new-tokens 128 --batch 4 --repeats 5]
+
+On one Llama-style model (built from a config): plain ``generate`` and the wrapped one are timed
+alternately (greedy and sampled); the activation commitment bytes per 32 generated tokens are read
+from the log; the teacher-forced check of a call is timed against that call's generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from aftune_hf.generate import wrap_generate
+from aftune_hf.recipes.causal_lm import make_base_model
+from aftune_hf.recipes.tokenizer import byte_tokenizer
+from aftune_hf.trace.inference import InferenceLogReader
+from aftune_hf.verify_inference import check_call
+
+PROMPTS = ["### Instruction:\nWhat is the opposite of hot?\n### Response:\n", "Spell the word river backwards.",
+           "Which day comes after Monday?", "Write the number 7 in words."]  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    transformers.logging.set_verbosity_error()
+    work = Path(tempfile.mkdtemp(prefix="aftune-bench-inference-"))
+    make_base_model(work / "base", hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
+                    num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    plain_model = transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval()
+    wrapped = wrap_generate(transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval(), work / "log")
+    tok = byte_tokenizer(padding_side="left")
+    enc = tok((PROMPTS * a.batch)[: a.batch], return_tensors="pt", padding=True)
+    # no EOS: every row generates exactly new_tokens
+    settings = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, temperature=0.8, top_p=0.95)}
+    gen_times: dict[str, list[float]] = {}
+    for name, kw in settings.items():
+        plain, rec = [], []
+        for _ in range(a.repeats):
+            for model, bucket in ((plain_model, plain), (wrapped, rec)):
+                t = time.perf_counter()
+                model.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **kw)
+                bucket.append(time.perf_counter() - t)
+        gen_times[name] = rec
+        print(f"{name:8} generate of {a.batch}x{a.new_tokens} tokens: plain {statistics.median(plain):.3f} s, "
+              f"recorded {statistics.median(rec):.3f} s, ratio {statistics.median(rec) / statistics.median(plain):.3f}")  # fmt: skip
+    wrapped.aftune_log.publish()
+    reader = InferenceLogReader(work / "log")
+    integrity = reader.check_integrity()
+    entry = integrity.entries[-1]
+    tensors = reader.call_tensors(entry)
+    act = sum(tensors[f"act_{k}.{r}"].numel() * tensors[f"act_{k}.{r}"].element_size()
+              for r in range(entry.record["rows"]) for k in ("index", "value"))  # fmt: skip
+    tokens = sum(tensors[f"output.{r}"].numel() for r in range(entry.record["rows"]))
+    files = sum(p.stat().st_size for p in (work / "log").rglob("*") if p.is_file())
+    print(f"activation commitment: {act / tokens * 32:.0f} bytes per 32 generated tokens "
+          f"(TOPLOC: 258); whole log {files / (tokens * len(integrity.entries)) * 32:.0f} bytes per 32 tokens "
+          f"including tokens, records and roots")  # fmt: skip
+    checks = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        for res in check_call(plain_model, entry.record, tensors, 1e-4):
+            assert res.ok, res.detail
+        checks.append(time.perf_counter() - t)
+    g, v = statistics.median(gen_times["sampled"]), statistics.median(checks)
+    print(f"verification of one sampled call ({a.batch} rows x {a.new_tokens} tokens): {v:.3f} s vs its generation "
+          f"{g:.3f} s = {g / v:.1f}x faster (teacher-forced pass + token checks)")  # fmt: skip
+    print(f"model: hidden {a.hidden}, {a.layers} layers, {sum(p.numel() for p in plain_model.parameters()) / 1e6:.1f} M "
+          f"parameters; torch threads {torch.get_num_threads()}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
