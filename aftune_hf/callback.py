@@ -177,6 +177,10 @@ class AuditCallback(StepObserver):
         trace_dir: where the trace is written; resuming the Trainer resumes the trace.
         queue_size: pending background writes before a step waits (back-pressure).
         check_base_model: hash the live base weights against the contract at train begin.
+        push_to_hub: a Hub repo id: push the trace after every anchor (in the background, never
+            blocking a step; failures are logged) and once more when it is finished (a failure
+            there raises :class:`~aftune_hf.errors.FetchError` after the trace is complete locally).
+        hub_endpoint, hub_token, hub_private: passed to ``huggingface_hub``.
 
     Example:
         >>> trainer = Trainer(..., callbacks=[AuditCallback("contract.yaml", "runs/trace")])  # doctest: +SKIP
@@ -189,6 +193,10 @@ class AuditCallback(StepObserver):
         *,
         queue_size: int = 2,
         check_base_model: bool = True,
+        push_to_hub: str | None = None,
+        hub_endpoint: str | None = None,
+        hub_token: str | None = None,
+        hub_private: bool = False,
     ) -> None:
         super().__init__()
         self.contract = contract if isinstance(contract, Contract) else load_contract(contract)
@@ -199,6 +207,10 @@ class AuditCallback(StepObserver):
         self._bg: _BackgroundWriter | None = None
         self._reads_done = threading.Event()
         self._reads_done.set()
+        self.hub = dict(repo_id=push_to_hub, endpoint=hub_endpoint, token=hub_token, private=hub_private)
+        self._pusher: Any = None
+        self._push_pending: Any = None
+        self.push_result: Any = None
         self.root: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -311,6 +323,27 @@ class AuditCallback(StepObserver):
             self._reads_done.set()  # training may now run its next optimizer step
         self.writer.commit_files(staged)  # phase 2: durable, visible, then the commit point
         self.writer.append(R.step_record(**fields, anchor=digest))
+        if digest is not None and self.hub["repo_id"]:
+            self._push_in_background()
+
+    def _push(self) -> Any:
+        from .hub import push_trace
+
+        h = self.hub
+        return push_trace(self.trace_dir, h["repo_id"], private=h["private"], endpoint=h["endpoint"], token=h["token"])
+
+    def _push_in_background(self) -> None:
+        """Push the trace so far; skipped while a previous push is still running."""
+        import concurrent.futures
+
+        if self._push_pending is not None and not self._push_pending.done():
+            return
+        if self._pusher is None:
+            self._pusher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aftune-push")
+        self._push_pending = self._pusher.submit(self._push)
+        self._push_pending.add_done_callback(
+            lambda f: f.exception() and logger.warning("aftune: background push failed (training goes on): %s", f.exception())
+        )  # fmt: skip
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.capture.remove()
@@ -328,6 +361,11 @@ class AuditCallback(StepObserver):
                       "chain_head": self.writer.entries[-1].chain.hex(), "final_state": final.hex()}  # fmt: skip
             self.root = self.writer.finalize(render_card(self.writer.header, fields), final)
             logger.info("aftune: trace %s finalized, root %s", self.trace_dir, self.root["trace_root"])
+            if self.hub["repo_id"]:
+                if self._pusher is not None:
+                    self._pusher.shutdown(wait=True)
+                self.push_result = self._push()  # FetchError here: the local trace is complete; retry `aftune push`
+                logger.info("aftune: pushed %s", self.push_result.uri)
         else:
             self.writer.close()
             logger.warning("aftune: training stopped at step %d of %d; trace left open for resume",

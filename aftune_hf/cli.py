@@ -5,6 +5,8 @@
     aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
     aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX]
+    aftune push TRACE REPO_ID [--private] [--repo-type model|dataset]
+    TRACE and LOG may be hf://[datasets/]OWNER/NAME@COMMIT_SHA (downloaded at that commit only).
 
 Exit codes: 0 success, 1 the trace failed a check (provider fault), 2 usage or
 environment error. Set ``AFTUNE_DEBUG=1`` for tracebacks.
@@ -73,7 +75,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_trace
 
-    if not os.path.isdir(args.trace):
+    if not args.trace.startswith("hf://") and not os.path.isdir(args.trace):
         raise ConfigError("trace_not_found", "no such directory", path=args.trace)
     if args.nonce is not None:
         try:
@@ -83,7 +85,7 @@ def _verify(args: argparse.Namespace) -> int:
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     only = None if args.only_windows is None else [int(i) for i in args.only_windows.split(",") if i.strip()]
     report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
-                          only_windows=only, data_check=not args.no_data_check)  # fmt: skip
+                          only_windows=only, data_check=not args.no_data_check, endpoint=args.endpoint)  # fmt: skip
     if args.report:
         report.write(args.report)
     if args.json:
@@ -98,15 +100,28 @@ def _verify(args: argparse.Namespace) -> int:
 def _verify_inference(args: argparse.Namespace) -> int:
     from .verify_inference import verify_inference
 
-    if not os.path.isdir(args.log):
+    if not args.log.startswith("hf://") and not os.path.isdir(args.log):
         raise ConfigError("log_not_found", "no such directory", path=args.log)
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     report = verify_inference(args.log, args.contract, trace=args.trace, calls=args.calls, nonce=args.nonce,
-                              num_calls=args.num_calls, log_fn=log)  # fmt: skip
+                              num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint)  # fmt: skip
     if args.report:
         report.write(args.report)
     print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.summary())
     return report.exit_code
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_trace
+
+    if not os.path.isdir(args.trace):
+        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    result = push_trace(args.trace, args.repo_id, private=args.private, repo_type=args.repo_type,
+                        endpoint=args.endpoint)  # fmt: skip
+    print(f"trace root  {result.trace_root or '(unfinished trace)'}")
+    print(f"commit sha  {result.commit_sha}")
+    print(f"pin it:     {result.uri}")
+    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -139,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by scripts/verify.py to split work
     p.add_argument("--no-data-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_verify)
@@ -149,10 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", help="JSON file of the calls you made (prompt and output per row)")
     p.add_argument("--nonce", help="hex; picks the calls to check when --calls is absent")
     p.add_argument("--num-calls", type=int, help="calls to sample (default: the contract's audit.inference_calls)")
+    p.add_argument("--endpoint", help="Hub URL for hf:// logs and traces")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_verify_inference)
+    p = sub.add_parser("push", help="push a finished trace or inference log to the Hub; prints root and commit sha")
+    p.add_argument("trace")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.set_defaults(func=_push)
     p = sub.add_parser("calibrate", help="measure honest replay noise here against a trace recorded elsewhere")
     p.add_argument("trace")
     p.add_argument("--contract", required=True)

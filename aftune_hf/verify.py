@@ -201,11 +201,13 @@ def verify_trace(
     only_windows: Sequence[int] | None = None,
     data_check: bool = True,
     log: Log | None = None,
+    endpoint: str | None = None,
 ) -> VerificationReport:
     """Verify a local trace against the client's contract. Never raises for provider faults.
 
     Args:
-        trace: the trace directory.
+        trace: the trace directory, or ``hf://[datasets/]OWNER/NAME@COMMIT_SHA`` (downloaded at that
+            commit into a private directory first; ``endpoint`` overrides the Hub URL).
         contract: the client's own contract (object or YAML path).
         nonce: the client's challenge nonce (hex string or bytes); drawn at random when absent.
         windows: how many windows to re-execute (default: the contract's ``audit.windows``).
@@ -223,9 +225,14 @@ def verify_trace(
     try:
         with tempfile.TemporaryDirectory(prefix="aftune-verify-") as tmp:
             work = Path(tmp)
-            say("structural check")
             try:
-                reader = TraceReader(trace)
+                from .hub import local_copy
+
+                if isinstance(trace, str) and trace.startswith("hf://"):
+                    say(f"downloading {trace}")
+                local = local_copy(trace, work, endpoint=endpoint)
+                say("structural check")
+                reader = TraceReader(local)
                 integrity = check_structure(reader, c, work)
                 if model is not None:
                     check_delivered(model, reader.schema(), integrity.root["final_state"])

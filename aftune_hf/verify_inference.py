@@ -161,6 +161,7 @@ def verify_inference(
     nonce: str | bytes | None = None,
     num_calls: int | None = None,
     log_fn: Any = None,
+    endpoint: str | None = None,
 ) -> VerificationReport:
     """Verify an inference log against the client's contract (and the audited training trace)."""
     say = log_fn or (lambda _m: None)
@@ -173,11 +174,16 @@ def verify_inference(
         client = load_client_calls(calls) if calls else None
         with tempfile.TemporaryDirectory(prefix="aftune-verify-inference-") as tmp:
             try:
+                from .hub import local_copy
+
                 say("reading the inference log")
-                reader = InferenceLogReader(log)
+                (Path(tmp) / "log").mkdir()
+                reader = InferenceLogReader(local_copy(log, Path(tmp) / "log", endpoint=endpoint))
                 integrity = reader.check_integrity()
                 say("building the audited model")
-                model, final_state = audited_model(c, trace, Path(tmp))
+                (Path(tmp) / "trace").mkdir()
+                local_trace = None if trace is None else local_copy(trace, Path(tmp) / "trace", endpoint=endpoint)
+                model, final_state = audited_model(c, local_trace, Path(tmp))
             except ProviderFault as e:
                 failures.append(Failure("structure", e.code, f"{e.detail}{f' ({e.path})' if e.path else ''}", e.step))
                 return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)

@@ -1,0 +1,163 @@
+"""Push traces (and inference logs) to the Hugging Face Hub and pull them at a pinned revision.
+
+Pushing returns the commit sha next to the trace root: the client pins that revision, then draws
+its nonce. Pulling downloads exactly that revision, file by file (names validated, sizes bounded
+first), into a private directory the strict reader then checks -- the Hub's cache layout with its
+symlinks is never verified directly. Network trouble raises :class:`FetchError` (verdict ERROR);
+a repository, revision or file the provider does not serve is a :class:`ManifestMismatchError`
+(verdict FAIL).
+
+Example:
+    >>> result = push_trace("runs/trace", "me/tiny-lora-audit")          # doctest: +SKIP
+    >>> result.commit_sha, result.trace_root                              # doctest: +SKIP
+    >>> pull("me/tiny-lora-audit", result.commit_sha, "/tmp/pulled")     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, FetchError, ManifestMismatchError, ResourceLimitError
+from .safeio import atomic_write_bytes, validate_relpath
+from .trace import IGNORED, LOCK, Limits, TraceReader
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_URI = re.compile(r"^hf://(?:(?P<type>datasets|models)/)?(?P<repo>[\w.-]+(?:/[\w.-]+)?)@(?P<rev>[0-9a-f]{40})$")
+IGNORE_ON_PUSH = [LOCK, "**/.*.tmp-*", ".*.tmp-*"]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a trace now lives: pin ``commit_sha``; the root it committed is ``trace_root``."""
+
+    repo_id: str
+    repo_type: str
+    commit_sha: str
+    trace_root: str | None
+
+    @property
+    def uri(self) -> str:
+        prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        return f"hf://{prefix}{self.repo_id}@{self.commit_sha}"
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """``hf://[datasets/]OWNER/NAME@COMMIT_SHA`` -> (repo_id, revision, repo_type); the revision must be a
+    full commit sha (a branch name could move after the nonce is drawn)."""
+    m = _URI.fullmatch(uri)
+    if not m:
+        raise ConfigError("invalid_uri", "expected hf://[datasets/]OWNER/NAME@<40-hex commit sha>", path=uri)
+    return m["repo"], m["rev"], "dataset" if m["type"] == "datasets" else "model"
+
+
+def _api(endpoint: str | None, token: str | None) -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    import httpx2
+
+    return (httpx2.TransportError, TimeoutError, ConnectionError)
+
+
+def push_trace(
+    trace: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    repo_type: str = "model",
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    check: bool = True,
+) -> PushResult:
+    """Upload a trace or inference log directory with ``huggingface_hub``; return the commit.
+
+    With ``check`` (default) a finished training trace is integrity-checked first, so a broken trace
+    is never published. An unfinished one (no ``root.json``, e.g. pushed during training) is pushed
+    as it is.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    path = Path(trace)
+    root = None
+    if check and (path / "root.json").exists():
+        root = TraceReader(path).check_integrity().trace_root.hex()
+    api = _api(endpoint, token)
+    try:
+        api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(path), repo_id=repo_id, repo_type=repo_type,
+            commit_message=commit_message or (f"aftune trace {root}" if root else "aftune trace (in progress)"),
+            ignore_patterns=IGNORE_ON_PUSH,
+        )  # fmt: skip
+    except (HfHubHTTPError, *_network_errors()) as e:
+        raise FetchError("push_failed", f"{type(e).__name__}: {str(e)[:300]}", path=repo_id) from e
+    return PushResult(repo_id, repo_type, info.oid, root)
+
+
+def pull(
+    repo_id: str,
+    revision: str,
+    dest: str | Path,
+    *,
+    repo_type: str = "model",
+    token: str | None = None,
+    endpoint: str | None = None,
+    limits: Limits = Limits(),
+) -> Path:
+    """Download every file of ``repo_id`` at commit ``revision`` into ``dest`` (a fresh directory)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
+    )  # fmt: skip
+
+    if not _SHA.fullmatch(revision):
+        raise ConfigError("invalid_revision", "pin a full 40-character commit sha", path=revision)
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=False)
+    api = _api(endpoint, token)
+    try:
+        listing = [f for f in api.list_repo_tree(repo_id, revision=revision, repo_type=repo_type, recursive=True)
+                   if hasattr(f, "size")]  # fmt: skip
+        if len(listing) > limits.max_files:
+            raise ResourceLimitError("too_many_files", f"{len(listing)} files", path=repo_id)
+        for f in listing:
+            if f.path in IGNORED:
+                continue
+            validate_relpath(f.path, max_depth=limits.max_depth)
+            if f.size > limits.max_tensor_file_bytes:
+                raise ResourceLimitError("file_too_large", f"{f.size} bytes", path=f.path)
+        cache = out.parent / f".{out.name}.hub-cache"
+        for f in listing:
+            if f.path in IGNORED:
+                continue
+            local = hf_hub_download(repo_id, f.path, revision=revision, repo_type=repo_type, cache_dir=cache,
+                                    endpoint=endpoint, token=token)  # fmt: skip
+            target = out / f.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = Path(local).read_bytes()
+            if len(data) != f.size:
+                raise ManifestMismatchError("hash_mismatch", "served size differs from the listing", path=f.path)
+            atomic_write_bytes(target, data)  # our own plain copy, never the cache's symlink
+        shutil.rmtree(cache, ignore_errors=True)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise ManifestMismatchError("not_served", f"{type(e).__name__}: the provider does not serve this revision",
+                                    path=f"{repo_id}@{revision}") from e  # fmt: skip
+    except (HfHubHTTPError, *_network_errors()) as e:
+        raise FetchError("download_failed", f"{type(e).__name__}: {str(e)[:300]}", path=repo_id) from e
+    return out
+
+
+def local_copy(trace: str | Path, work: Path, *, endpoint: str | None = None, token: str | None = None) -> Path:
+    """A local directory for ``trace``: itself, or a fresh pull of an ``hf://REPO@SHA`` URI."""
+    if isinstance(trace, str) and trace.startswith("hf://"):
+        repo_id, revision, repo_type = parse_uri(trace)
+        return pull(repo_id, revision, work / "pulled", repo_type=repo_type, endpoint=endpoint, token=token)
+    return Path(trace)

@@ -1,0 +1,166 @@
+"""Hub push and pull with the real huggingface_hub client against tests/hub_server.py.
+
+There is no network here: tests/hub_server.py is a small local HTTP server on 127.0.0.1 that
+stands in for the Hugging Face Hub (create repo, commit, list and download at a revision).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import transformers
+import yaml
+
+from aftune_hf import AuditCallback
+from aftune_hf.contract import load_contract
+from aftune_hf.hub import pull, push_trace
+from aftune_hf.recipes.causal_lm import build
+from aftune_hf.trace import checkpoint_path
+from aftune_hf.verify import verify_trace
+from tests.conftest import REPO
+from tests.hub_server import FakeHub
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hub():
+    fake = FakeHub()
+    endpoint = fake.start()
+    yield fake, endpoint
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, base_model_dir):
+    from tests.conftest import CONFIGS, DATASET
+
+    work = tmp_path_factory.mktemp("hub")
+    data = yaml.safe_load((CONFIGS / "tiny-lora.yaml").read_text())
+    data["base_model"]["path"], data["dataset"]["path"] = str(base_model_dir), str(DATASET)
+    data["training"]["max_steps"] = 6
+    data["audit"].update(anchor_every=3, windows=2)
+    (work / "c.yaml").write_text(yaml.safe_dump(data))
+    contract = load_contract(work / "c.yaml")
+    parts = build(contract, str(work / "o"), disable_tqdm=True, logging_steps=1000)
+    transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
+    return work / "c.yaml", work / "trace"
+
+
+def test_push_pull_verify_round_trip(hub, recorded, tmp_path):
+    fake, endpoint = hub
+    contract, trace = recorded
+    result = push_trace(trace, "me/round-trip", endpoint=endpoint, token="hf_test")
+    assert len(result.commit_sha) == 40 and result.trace_root
+    report = verify_trace(result.uri, contract, nonce="aa", endpoint=endpoint)
+    assert report.verdict == "PASS", report.summary()
+    assert report.trace_root == result.trace_root
+    # only that revision was downloaded
+    downloads = [r for r in fake.requests if "/resolve/" in r]
+    assert downloads and all(f"/resolve/{result.commit_sha}/" in r for r in downloads)
+    pulled = pull("me/round-trip", result.commit_sha, tmp_path / "p", endpoint=endpoint)
+    card = (pulled / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "aftune_hf" and {"aftune", "audit-trace"} <= set(front["tags"])
+    assert result.trace_root in (pulled / "root.json").read_text()
+
+
+def test_tampering_on_the_endpoint_after_push_is_detected(hub, recorded):
+    fake, endpoint = hub
+    contract, trace = recorded
+    result = push_trace(trace, "me/tampered", endpoint=endpoint)
+    data = (trace / checkpoint_path(3)).read_bytes()
+    fake.tamper("me/tampered", result.commit_sha, checkpoint_path(3), data[:-4] + b"\x00\x00\x80\x3f")
+    report = verify_trace(result.uri, contract, nonce="ab", endpoint=endpoint)
+    assert report.verdict == "FAIL" and report.failures[0].check == "structure", report.summary()
+    assert report.failures[0].step == 3
+
+
+def test_new_commit_does_not_change_the_pinned_revision(hub, recorded, tmp_path):
+    fake, endpoint = hub
+    contract, trace = recorded
+    first = push_trace(trace, "me/moving", endpoint=endpoint)
+    edited = tmp_path / "edited"
+    import shutil
+
+    shutil.copytree(trace, edited)
+    (edited / "README.md").write_text("rewritten after the client pinned the revision")
+    second = push_trace(edited, "me/moving", endpoint=endpoint, check=False)
+    assert second.commit_sha != first.commit_sha
+    assert verify_trace(first.uri, contract, nonce="ac", endpoint=endpoint, windows=1).verdict == "PASS"
+    assert verify_trace(second.uri, contract, nonce="ac", endpoint=endpoint, windows=1).verdict == "FAIL"
+
+
+def test_missing_repository_or_revision_is_fail(hub, recorded):
+    _, endpoint = hub
+    contract, _ = recorded
+    report = verify_trace("hf://me/never-pushed@" + "0" * 40, contract, nonce="ad", endpoint=endpoint)
+    assert report.verdict == "FAIL" and report.failures[0].code == "not_served"
+
+
+def _cli(*args, **env):
+    e = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "aftune_hf", *map(str, args)], capture_output=True, text=True, env=e)
+
+
+def test_cli_push_and_verify_and_unreachable_endpoint(hub, recorded):
+    _, endpoint = hub
+    contract, trace = recorded
+    p = _cli("push", trace, "me/cli", "--endpoint", endpoint)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = dict(line.split(None, 1) for line in p.stdout.splitlines() if line.startswith(("trace", "commit")))
+    sha = lines["commit"].split()[-1]
+    uri = f"hf://me/cli@{sha}"
+    assert uri in p.stdout
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--quiet")
+    assert p.returncode == 0 and p.stdout.startswith("PASS"), p.stdout + p.stderr[-2000:]
+    # a dead endpoint: ERROR (exit 2), never PASS
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", "http://127.0.0.1:9", "--quiet",
+             HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")  # fmt: skip
+    assert p.returncode == 2 and p.stdout.startswith("ERROR"), p.stdout + p.stderr[-2000:]
+    # a branch name is not a pinned revision: usage error
+    p = _cli("verify", "hf://me/cli@main", "--contract", contract, "--endpoint", endpoint, "--quiet")
+    assert p.returncode == 2
+
+
+def test_push_during_training(hub, recorded, tmp_path):
+    fake, endpoint = hub
+    contract_path, _ = recorded
+    contract = load_contract(contract_path)
+    parts = build(contract, str(tmp_path / "o"), disable_tqdm=True, logging_steps=1000)
+    cb = AuditCallback(contract, tmp_path / "trace", push_to_hub="me/live", hub_endpoint=endpoint)
+    transformers.Trainer(**parts.trainer_kwargs(), callbacks=[cb]).train()
+    commits = [r for r in fake.requests if r == "POST /api/models/me/live/commit/main"]
+    assert len(commits) >= 2  # at least one anchor push during training and the final one
+    assert cb.push_result.trace_root == cb.root["trace_root"]
+    assert verify_trace(cb.push_result.uri, contract, nonce="af", endpoint=endpoint).verdict == "PASS"
+
+
+def test_inference_log_push_and_verify(hub, recorded, tmp_path):
+    from aftune_hf.generate import wrap_generate
+    from aftune_hf.recipes.tokenizer import byte_tokenizer
+    from aftune_hf.trace import TraceReader
+    from aftune_hf.verify_inference import verify_inference
+
+    _, endpoint = hub
+    contract_path, trace = recorded
+    contract = load_contract(contract_path)
+    model = build(contract, str(tmp_path / "o")).model.eval()
+    final = TraceReader(trace).checkpoint(6)
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in final:
+                p.copy_(final[n])
+    wrap_generate(model, tmp_path / "log")
+    model.generate(**byte_tokenizer(padding_side="left")(["hi", "there!"], return_tensors="pt", padding=True), max_new_tokens=8)
+    model.aftune_log.publish()
+    model.aftune_log.close()
+    log = push_trace(tmp_path / "log", "me/log", endpoint=endpoint)
+    tr = push_trace(trace, "me/log-trace", endpoint=endpoint)
+    report = verify_inference(log.uri, contract, trace=tr.uri, nonce="01", endpoint=endpoint)
+    assert report.verdict == "PASS", report.summary()
