@@ -196,7 +196,8 @@ def hex_float(rec: Mapping[str, Any], key: str) -> float:
 
 def link(prev: bytes, index: int, record: Mapping[str, Any]) -> ChainEntry:
     """Commit ``record`` as record number ``index`` after chain hash ``prev``."""
-    leaf = D.record_leaf(validate_record(dict(record)))
+    validate_record(record)
+    leaf = D.record_leaf(record)
     return ChainEntry(index, dict(record), leaf, D.chain_next(prev, index, leaf))
 
 

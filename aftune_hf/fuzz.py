@@ -1,0 +1,118 @@
+"""Mutations of an honest trace, for fuzzing the verifier (tests/test_fuzz.py, scripts/fuzz_trace.py).
+
+Each mutation is a small, provider-style edit of one trace copy: flip a bit, truncate a file,
+drop/duplicate/rename a file, edit a JSON field, swap two step files. The verifier must answer
+FAIL for every one of them -- never PASS, never ERROR, never an exception.
+
+Example:
+    >>> m = Mutation("flip", 3, 1234, 5)
+    >>> apply_mutation(Path("copy-of-trace"), m)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("flip", "truncate", "drop", "duplicate", "rename", "json_edit", "swap")
+JSON_VALUES: tuple[Any, ...] = (None, 0, -1, 2**53 + 1, "", "x" * 64, "0" * 64, [], {}, True, 1.5, {"float": "nan"})
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """``kind`` applied to the ``a``-th file (sorted), with parameters ``b`` and ``c``."""
+
+    kind: str
+    a: int
+    b: int
+    c: int
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def apply_mutation(root: Path, m: Mutation) -> str:
+    """Apply ``m`` to the trace copy at ``root``; return a description."""
+    files = _files(root)
+    f = files[m.a % len(files)]
+    rel = f.relative_to(root).as_posix()
+    data = f.read_bytes()
+    if m.kind == "flip" and data:
+        i = m.b % len(data)
+        f.write_bytes(data[:i] + bytes([data[i] ^ (1 << (m.c % 8))]) + data[i + 1 :])
+        return f"flip bit {m.c % 8} of byte {i} in {rel}"
+    if m.kind == "truncate" and data:
+        n = m.b % len(data)
+        f.write_bytes(data[:n])
+        return f"truncate {rel} to {n} bytes"
+    if m.kind == "drop":
+        f.unlink()
+        return f"drop {rel}"
+    if m.kind == "duplicate":
+        target = f.with_name(f.stem + "-copy" + f.suffix)
+        shutil.copy(f, target)
+        return f"duplicate {rel}"
+    if m.kind == "rename":
+        other = files[m.b % len(files)]
+        if other == f:
+            target = f.with_name("renamed" + f.suffix)
+            f.rename(target)
+            return f"rename {rel} to {target.name}"
+        other_data = other.read_bytes()
+        f.unlink()
+        other.write_bytes(data)
+        return f"move {rel} over {other.relative_to(root).as_posix()} (old content of that file dropped: {len(other_data)} bytes)"
+    if m.kind == "json_edit" and f.suffix in (".json", ".jsonl"):
+        lines = data.decode().splitlines()
+        line_no = m.b % max(1, len(lines))
+        obj = json.loads(lines[line_no])
+        keys = _paths(obj)
+        path = keys[m.c % len(keys)]
+        old = _get(obj, path)
+        value = next(v for i in range(len(JSON_VALUES))
+                     if (v := JSON_VALUES[(m.b + m.c + i) % len(JSON_VALUES)]) != old or type(v) is not type(old))  # fmt: skip
+        _set(obj, path, value)
+        lines[line_no] = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        f.write_text("\n".join(lines) + ("\n" if data.endswith(b"\n") else ""))
+        return f"edit {'/'.join(map(str, path))} in line {line_no} of {rel}"
+    if m.kind == "swap":
+        steps = [p for p in files if p.suffix == ".safetensors"]
+        x, y = steps[m.b % len(steps)], steps[m.c % len(steps)]
+        if x == y:
+            y = steps[(m.c + 1) % len(steps)]
+        bx, by = x.read_bytes(), y.read_bytes()
+        x.write_bytes(by)
+        y.write_bytes(bx)
+        return f"swap {x.relative_to(root).as_posix()} and {y.relative_to(root).as_posix()}"
+    # fall back to a bit flip in the first byte so every mutation changes something
+    f.write_bytes(bytes([data[0] ^ 1]) + data[1:] if data else b"x")
+    return f"flip the first byte of {rel}"
+
+
+def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:8]):
+            out += _paths(v, (*prefix, i))
+    return out or [()]
+
+
+def _get(obj: Any, path: tuple) -> Any:
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _set(obj: Any, path: tuple, value: Any) -> None:
+    if not path:
+        return
+    for key in path[:-1]:
+        obj = obj[key]
+    obj[path[-1]] = value
