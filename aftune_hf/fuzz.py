@@ -116,3 +116,33 @@ def _set(obj: Any, path: tuple, value: Any) -> None:
     for key in path[:-1]:
         obj = obj[key]
     obj[path[-1]] = value
+
+
+def reseal(root: Path) -> None:
+    """Recompute every commitment a provider controls (chain hashes, Merkle root, file digests,
+    trace root) after a mutation, as a forger would: only the semantic checks and re-execution
+    can still tell. Best effort: parts that no longer parse are left as they are."""
+    from . import digest as D
+    from . import records as R
+
+    try:
+        header = json.loads((root / "aftune_trace.json").read_text())
+        head = D.chain_start(bytes.fromhex(header["contract_digest"]), header["run_id"])
+        entries = []
+        for i, line in enumerate((root / "chain.jsonl").read_text().splitlines(), 1):
+            e = R.link(head, i, json.loads(line)["record"])
+            entries.append(e)
+            head = e.chain
+        (root / "chain.jsonl").write_bytes(b"".join(D.canonical_json(e.to_json()) + b"\n" for e in entries))
+        rootfile = json.loads((root / "root.json").read_text())
+        files = {p.relative_to(root).as_posix(): D.file_digest(p).hex()
+                 for p in sorted(root.rglob("*")) if p.is_file() and p.name != "root.json"}  # fmt: skip
+        steps = [e.record for e in entries if e.record["kind"] != "resume"]
+        rootfile.update(chain_head=head.hex(), records_root=D.RECORD_TREE.root_from_hashes([e.leaf for e in entries]).hex(),
+                        num_records=len(entries), files=files, final_state=steps[-1]["state"],
+                        num_steps=max(r["step"] for r in steps))  # fmt: skip
+        rootfile.pop("trace_root", None)
+        rootfile["trace_root"] = D.trace_root(rootfile).hex()
+        (root / "root.json").write_bytes(D.canonical_json(rootfile))
+    except Exception:  # noqa: BLE001 - a forger who cannot reseal leaves the mutation as it is
+        return

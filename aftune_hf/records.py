@@ -127,7 +127,7 @@ def _int(v: Any, what: str, step: Any, lo: int = 0) -> None:
 
 def validate_record(rec: Any) -> Mapping[str, Any]:
     """Check a record against its schema; return it unchanged or raise :class:`TraceFormatError`."""
-    if not isinstance(rec, dict) or rec.get("kind") not in _KEYS:
+    if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str) or rec["kind"] not in _KEYS:
         raise _bad("unknown record kind")
     step = rec.get("step")
     if set(rec) != _KEYS[rec["kind"]]:

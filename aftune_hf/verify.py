@@ -71,9 +71,16 @@ def check_structure(reader: TraceReader, contract: Contract, workdir: Path) -> I
     if header["contract_digest"] != contract.digest_hex():
         raise ContractViolationError("contract_mismatch", f"trace binds contract {header['contract_digest']}, "
                                      f"the client's is {contract.digest_hex()}")  # fmt: skip
+    if header["contract"] != contract.canonical():
+        raise ContractViolationError("contract_mismatch", "the header's copy of the contract is not the client's")
     want = contract.training.max_steps
     if integrity.num_steps != want:
         raise CommitmentError("step_count", f"trace has {integrity.num_steps} steps, contract says {want}")
+    from .card import render_card
+    from .trace import CARD
+
+    if reader.read_bytes(CARD) != render_card(header, integrity.root).encode("utf-8"):
+        raise ManifestMismatchError("card_mismatch", "README.md is not the card this trace implies", path=CARD)
     init_digest, schema = initial_state(contract, workdir / "init")
     if reader.schema() != schema:
         raise ManifestMismatchError("schema_mismatch", "trainable tensors differ from the contract's recipe")

@@ -1,9 +1,10 @@
 """Long fuzzing run: mutate an honest trace N times; the verifier must FAIL every mutation.
 
-    python scripts/fuzz_trace.py --examples 2000 [--replay] [--seed 0]
+    python scripts/fuzz_trace.py --examples 2000 [--reseal] [--replay] [--seed 0]
 
 Prints counts per mutation kind and per failure code, and every mutation that did not FAIL
-(PASS, ERROR or an exception) -- each one would be a bug. ``--replay`` also re-executes windows.
+(PASS, ERROR or an exception) -- each one would be a bug. ``--reseal`` plays a forger who recomputes
+the chain, Merkle root, file digests and trace root after the edit; ``--replay`` also re-executes windows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import json
 import random
 import shutil
 import sys
@@ -25,7 +27,7 @@ import yaml
 from aftune_hf import AuditCallback
 from aftune_hf.artifacts import dataset_digest
 from aftune_hf.contract import load_contract
-from aftune_hf.fuzz import KINDS, Mutation, apply_mutation
+from aftune_hf.fuzz import KINDS, Mutation, apply_mutation, reseal
 from aftune_hf.recipes.causal_lm import DEFAULT_DATASET, build, make_base_model
 from aftune_hf.verify import verify_trace
 
@@ -41,11 +43,21 @@ def fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
+def only_environment_changed(original: Path, mutated: Path) -> bool:
+    """The provider's self-reported environment is informational: editing only it is not a finding."""
+    try:
+        a, b = (json.loads((p / "aftune_trace.json").read_text()) for p in (original, mutated))
+    except (OSError, ValueError):
+        return False
+    return a != b and {k: v for k, v in a.items() if k != "environment"} == {k: v for k, v in b.items() if k != "environment"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replay", action="store_true", help="also re-execute the challenged windows")
+    ap.add_argument("--reseal", action="store_true", help="recompute every provider-side commitment after mutating")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="aftune-fuzz-"))
@@ -60,7 +72,7 @@ def main() -> int:
     parts = build(contract, str(work / "o"), disable_tqdm=True, logging_steps=10**6)
     transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
     rng = random.Random(a.seed)
-    kinds, codes, bad, noop = collections.Counter(), collections.Counter(), [], 0
+    kinds, codes, bad, noop, informational = collections.Counter(), collections.Counter(), [], 0, 0
     t0 = time.perf_counter()
     for i in range(a.examples):
         m = Mutation(rng.choice(KINDS), rng.randrange(10**6), rng.randrange(10**6), rng.randrange(10**6))
@@ -69,13 +81,17 @@ def main() -> int:
         try:
             before = fingerprint(copy)
             what = apply_mutation(copy, m)
+            if a.reseal:
+                reseal(copy)
             if fingerprint(copy) == before:  # e.g. swapping two byte-identical files
                 noop += 1
                 shutil.rmtree(copy, ignore_errors=True)
                 continue
             report = verify_trace(copy, contract, nonce="00", only_windows=None if a.replay else ())
             kinds[m.kind] += 1
-            if report.verdict != "FAIL":
+            if report.verdict != "FAIL" and a.reseal and only_environment_changed(work / "trace", copy):
+                informational += 1  # the provider's self-reported environment is not verifiable by design
+            elif report.verdict != "FAIL":
                 bad.append(f"{m}: {what}: {report.verdict} {report.error or ''}")
             else:
                 codes[report.failures[0].code] += 1
@@ -85,7 +101,8 @@ def main() -> int:
     print(f"{a.examples} mutations ({noop} left the trace unchanged, skipped) in {time.perf_counter() - t0:.0f} s; "
           f"by kind {dict(kinds)}")  # fmt: skip
     print(f"failure codes: {dict(codes.most_common())}")
-    print(f"not FAIL: {len(bad)}")
+    print(f"not FAIL: {len(bad)}" + (f" (plus {informational} resealed edits of the informational environment field)"
+                                      if informational else ""))  # fmt: skip
     for line in bad[:20]:
         print("  " + line)
     shutil.rmtree(work, ignore_errors=True)

@@ -67,3 +67,29 @@ def test_no_mutation_passes(honest, m):
         report = verify_trace(copy, contract, nonce="00", only_windows=())
         assert report.verdict == "FAIL", f"{what}: {report.summary()}"
         assert report.failures and all(f.reason for f in report.failures)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=mutations)
+def test_no_resealed_mutation_passes(honest, m):
+    """A forger recomputes every provider-side commitment after the edit: semantic checks still FAIL it."""
+    from aftune_hf.fuzz import reseal
+
+    contract, trace = honest
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "trace"
+        shutil.copytree(trace, copy)
+        before = _fingerprint(copy)
+        header = (copy / "aftune_trace.json").read_bytes()
+        what = apply_mutation(copy, m)
+        reseal(copy)
+        assume(_fingerprint(copy) != before)
+        import json
+
+        try:  # the provider's self-reported environment is informational, not verified
+            a, b = json.loads(header), json.loads((copy / "aftune_trace.json").read_bytes())
+            assume(not (a != b and {**a, "environment": 0} == {**b, "environment": 0}))
+        except (OSError, ValueError):
+            pass
+        report = verify_trace(copy, contract, nonce="00")
+        assert report.verdict == "FAIL", f"{what}: {report.summary()}"

@@ -69,6 +69,9 @@ class TraceReader:
         if not isinstance(h["run_id"], str) or not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", h["run_id"]):
             raise TraceFormatError("header_invalid", "run_id", path=HEADER)
         R.check_hex(h["contract_digest"], "contract_digest", None)
+        env = h["environment"]
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TraceFormatError("header_invalid", "environment must map strings to strings", path=HEADER)
         if not isinstance(h["schema"], dict):
             raise TraceFormatError("header_invalid", "schema", path=HEADER)
         return h
@@ -92,6 +95,12 @@ class TraceReader:
         if any(e.record["kind"] == "call" for e in entries):
             raise TraceFormatError("record_invalid", "an inference record in a training trace", path=CHAIN)
         return entries
+
+    def read_bytes(self, rel: str) -> bytes:
+        """A small file's bytes (bounded like JSON files)."""
+        if rel not in self.files:
+            raise ManifestMismatchError("missing_file", "required file absent", path=rel)
+        return read_regular_file(self.root, rel, max_bytes=self.limits.max_json_bytes)
 
     def root_record(self) -> dict[str, Any]:
         r = self._json(ROOT)
@@ -138,7 +147,10 @@ class TraceReader:
         last_state = [e.record["state"] for e in entries if e.record["kind"] != "resume"][-1]
         if root["final_state"] != last_state:
             raise CommitmentError("root_mismatch", "final_state is not the last step's state", path=ROOT)
-        trace_root = D.trace_root(fields)
+        try:
+            trace_root = D.trace_root(fields)
+        except (TypeError, ValueError) as e:
+            raise TraceFormatError("root_invalid", f"root.json is not canonical: {e}", path=ROOT) from None
         if root["trace_root"] != trace_root.hex():
             raise CommitmentError("root_mismatch", "trace_root does not recompute", path=ROOT)
         return Integrity(trace_root, num_steps, tuple(entries), root)
@@ -161,5 +173,9 @@ class TraceReader:
         meta = self._json(anchor_path(step, "meta"))
         if not isinstance(meta, dict) or set(meta) != ANCHOR_META_KEYS or meta["step"] != step:
             raise TraceFormatError("anchor_invalid", "anchor.json keys or step", path=anchor_path(step, "meta"))
+        try:
+            D.canonical_json(meta)  # floats or huge integers cannot be committed: refuse them here
+        except (TypeError, ValueError) as e:
+            raise TraceFormatError("anchor_invalid", f"anchor.json is not canonical: {e}", path=anchor_path(step, "meta")) from None
         parts = {p: self._tensors(anchor_path(step, p), schema if p == "params" else None) for p in ANCHOR_PARTS}
         return Anchor(step, parts["params"], parts["optimizer"], parts["rng"], meta)
