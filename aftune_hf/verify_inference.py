@@ -241,6 +241,9 @@ def _client_mismatch(client: Mapping[str, Any] | None, rec: Mapping[str, Any], t
     """What differs between the client's copy of a call and the committed one ('' if nothing)."""
     if client is None:
         return ""
+    for key, want in (client.get("config") or {}).items():
+        if key not in rec["config"] or not _same_setting(want, rec["config"][key]):
+            return f"decoding setting {key}: client asked {want!r}, the log says {rec['config'].get(key)!r}"
     rows = client.get("rows", [])
     if len(rows) != rec["rows"]:
         return f"the client made {len(rows)} rows, the log has {rec['rows']}"
@@ -249,7 +252,4 @@ def _client_mismatch(client: Mapping[str, Any] | None, rec: Mapping[str, Any], t
             return f"row {r}: prompt differs from what the client sent"
         if list(row.get("output", [])) != tensors[f"output.{r}"].tolist():
             return f"row {r}: output differs from what the client received"
-    for key, want in (client.get("config") or {}).items():
-        if key not in rec["config"] or not _same_setting(want, rec["config"][key]):
-            return f"decoding setting {key}: client asked {want!r}, the log says {rec['config'].get(key)!r}"
     return ""

@@ -16,12 +16,13 @@ class Cheat(transformers.TrainerCallback):
 
     def __init__(self, kind: str, step: int, amount: float | None = None) -> None:
         """``kind``: ``skip_update`` | ``lr`` (scale the lr by ``amount``, default 0.5) |
-        ``nudge`` (add ``amount``, default 1e-4, to one trainable tensor after the step)."""
+        ``nudge`` (add ``amount``, default 1e-4, to one trainable tensor after the step) |
+        ``drift`` (from ``step`` on, scale every trainable tensor by ``1 + amount`` after each step)."""
         self.kind, self.step, self._saved = kind, step, None
         self.amount = amount
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
-        if state.global_step + 1 != self.step:
+        if state.global_step + 1 != self.step and not (self.kind == "lr" and self.step == 0):
             return
         if self.kind == "skip_update":
             for p in model.parameters():
@@ -42,6 +43,11 @@ class Cheat(transformers.TrainerCallback):
             with torch.no_grad():
                 p = next(p for p in model.parameters() if p.requires_grad)
                 p.add_(1e-4 if self.amount is None else self.amount)
+        if self.kind == "drift" and state.global_step >= self.step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.mul_(1 + self.amount)
 
 
 class SwapTrainer(transformers.Trainer):
