@@ -20,11 +20,12 @@ from aftune_hf.recipes.causal_lm import build
 
 
 class Pace(transformers.TrainerCallback):
-    def __init__(self, sleep: float) -> None:
+    def __init__(self, sleep: float, report=None) -> None:
         self.sleep = sleep
+        self.report = report or (lambda step: print(f"STEP {step}", flush=True))
 
     def on_step_end(self, args, state, control, **kwargs):
-        print(f"STEP {state.global_step}", flush=True)
+        self.report(state.global_step)
         time.sleep(self.sleep)
 
 
@@ -32,6 +33,15 @@ def last_complete_checkpoint(out: Path) -> str | None:
     """Newest checkpoint-N whose Trainer files are all there (the Trainer does not save atomically)."""
     done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and (p / "rng_state.pth").exists()]
     return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def run(contract_path: str, trace: str, out: str, resume: bool = False, sleep: float = 0.0, report=None) -> None:
+    """Record (or resume recording) the contract's run; ``report(step)`` after every committed step."""
+    contract = load_contract(contract_path)
+    parts = build(contract, out, save_strategy="steps", save_steps=1, disable_tqdm=True, logging_steps=100)
+    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, trace), Pace(sleep, report)])
+    ckpt = last_complete_checkpoint(Path(out)) if resume else None
+    trainer.train(resume_from_checkpoint=ckpt)
 
 
 def main() -> int:
@@ -42,11 +52,7 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
     a = ap.parse_args()
-    contract = load_contract(a.contract)
-    parts = build(contract, a.out, save_strategy="steps", save_steps=1, disable_tqdm=True, logging_steps=100)
-    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, a.trace), Pace(a.sleep)])
-    ckpt = last_complete_checkpoint(Path(a.out)) if a.resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    run(a.contract, a.trace, a.out, a.resume, a.sleep)
     print("DONE", flush=True)
     return 0
 

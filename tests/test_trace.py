@@ -325,3 +325,20 @@ def test_writer_refuses_invalid_records(tmp_path):
 
 def test_schema_of():
     assert schema_of({"w": torch.zeros(2, 3, dtype=torch.bfloat16)}) == {"w": ("BF16", (2, 3))}
+
+
+def test_disk_full_on_chain_append_keeps_earlier_steps(tmp_path, monkeypatch):
+    """R6: ENOSPC while committing a record raises RecorderError; the chain keeps what was committed."""
+    import aftune_hf.trace.writer as W
+
+    w, model = tracekit.write_trace(tmp_path / "t", steps=2, finalize=False)
+    before = (tmp_path / "t" / CHAIN).read_bytes()
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(W.os, "write", full)
+    with pytest.raises(RecorderError, match="No space left"):
+        w.append(R.resume_record(step=2, reason="x"))
+    monkeypatch.undo()
+    assert (tmp_path / "t" / CHAIN).read_bytes() == before and len(w.entries) == 3
