@@ -93,6 +93,28 @@ def apply_mutation(root: Path, m: Mutation) -> str:
     return f"flip the first byte of {rel}"
 
 
+def fingerprint(root: Path) -> str:
+    """A digest of a directory's names and bytes (to skip mutations that changed nothing)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(p.relative_to(root).as_posix().encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def only_environment_changed(original: Path, mutated: Path) -> bool:
+    """True if the only difference in the header is its informational ``environment`` block."""
+    try:
+        a, b = (json.loads((p / "aftune_trace.json").read_text()) for p in (original, mutated))
+    except (OSError, ValueError):
+        return False
+    return isinstance(a, dict) and isinstance(b, dict) and a != b and \
+        {k: v for k, v in a.items() if k != "environment"} == {k: v for k, v in b.items() if k != "environment"}  # fmt: skip
+
+
 def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
     out = [prefix] if prefix else []
     if isinstance(obj, dict):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
-import json
 import random
 import shutil
 import sys
@@ -27,29 +25,11 @@ import yaml
 from aftune_hf import AuditCallback
 from aftune_hf.artifacts import dataset_digest
 from aftune_hf.contract import load_contract
-from aftune_hf.fuzz import KINDS, Mutation, apply_mutation, reseal
+from aftune_hf.fuzz import KINDS, Mutation, apply_mutation, fingerprint, only_environment_changed, reseal
 from aftune_hf.recipes.causal_lm import DEFAULT_DATASET, build, make_base_model
 from aftune_hf.verify import verify_trace
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fingerprint(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(p.relative_to(root).as_posix().encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def only_environment_changed(original: Path, mutated: Path) -> bool:
-    """The provider's self-reported environment is informational: editing only it is not a finding."""
-    try:
-        a, b = (json.loads((p / "aftune_trace.json").read_text()) for p in (original, mutated))
-    except (OSError, ValueError):
-        return False
-    return a != b and {k: v for k, v in a.items() if k != "environment"} == {k: v for k, v in b.items() if k != "environment"}
 
 
 def main() -> int:

@@ -43,3 +43,23 @@ def write_contract(tmp_path, base_model_dir):
         return path
 
     return _write
+
+
+def record_tiny(work: Path, base_model_dir: Path, *, template: str = "tiny-lora", steps: int, **audit) -> tuple[Path, Path]:
+    """Write a contract for the tiny model (``steps`` steps, ``audit`` overrides) into ``work`` and
+    record an honest run of it with AuditCallback; returns (contract path, trace directory)."""
+    import transformers
+
+    from aftune_hf import AuditCallback
+    from aftune_hf.contract import load_contract
+    from aftune_hf.recipes.causal_lm import build
+
+    data = yaml.safe_load((CONFIGS / f"{template}.yaml").read_text())
+    data["base_model"]["path"], data["dataset"]["path"] = str(base_model_dir), str(DATASET)
+    data["training"]["max_steps"] = steps
+    data["audit"].update(audit)
+    (work / "c.yaml").write_text(yaml.safe_dump(data))
+    contract = load_contract(work / "c.yaml")
+    parts = build(contract, str(work / "o"), disable_tqdm=True, logging_steps=1000)
+    transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
+    return work / "c.yaml", work / "trace"

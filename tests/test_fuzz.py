@@ -5,50 +5,28 @@ A bounded number of examples runs in CI; `python scripts/fuzz_trace.py --example
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
-import transformers
-import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from aftune_hf import AuditCallback
 from aftune_hf.contract import load_contract
-from aftune_hf.fuzz import KINDS, Mutation, apply_mutation
-from aftune_hf.recipes.causal_lm import build
+from aftune_hf.fuzz import KINDS, Mutation, apply_mutation, fingerprint, only_environment_changed
 from aftune_hf.verify import verify_trace
+from tests.conftest import record_tiny
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory, base_model_dir):
-    from tests.conftest import CONFIGS, DATASET
-
-    work = tmp_path_factory.mktemp("fuzz")
-    data = yaml.safe_load((CONFIGS / "tiny-lora.yaml").read_text())
-    data["base_model"]["path"], data["dataset"]["path"] = str(base_model_dir), str(DATASET)
-    data["training"]["max_steps"] = 4
-    data["audit"].update(anchor_every=2, windows=2)
-    (work / "c.yaml").write_text(yaml.safe_dump(data))
-    contract = load_contract(work / "c.yaml")
-    parts = build(contract, str(work / "o"), disable_tqdm=True, logging_steps=1000)
-    transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
-    assert verify_trace(work / "trace", contract, nonce="00").verdict == "PASS"
-    return contract, work / "trace"
-
-
-def _fingerprint(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(p.relative_to(root).as_posix().encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    path, trace = record_tiny(tmp_path_factory.mktemp("fuzz"), base_model_dir, steps=4, anchor_every=2, windows=2)
+    contract = load_contract(path)
+    assert verify_trace(trace, contract, nonce="00").verdict == "PASS"
+    return contract, trace
 
 
 mutations = st.builds(Mutation, st.sampled_from(KINDS), st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6))
@@ -61,9 +39,9 @@ def test_no_mutation_passes(honest, m):
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "trace"
         shutil.copytree(trace, copy)
-        before = _fingerprint(copy)
+        before = fingerprint(copy)
         what = apply_mutation(copy, m)
-        assume(_fingerprint(copy) != before)
+        assume(fingerprint(copy) != before)
         report = verify_trace(copy, contract, nonce="00", only_windows=())
         assert report.verdict == "FAIL", f"{what}: {report.summary()}"
         assert report.failures and all(f.reason for f in report.failures)
@@ -79,17 +57,10 @@ def test_no_resealed_mutation_passes(honest, m):
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "trace"
         shutil.copytree(trace, copy)
-        before = _fingerprint(copy)
-        header = (copy / "aftune_trace.json").read_bytes()
+        before = fingerprint(copy)
         what = apply_mutation(copy, m)
         reseal(copy)
-        assume(_fingerprint(copy) != before)
-        import json
-
-        try:  # the provider's self-reported environment is informational, not verified
-            a, b = json.loads(header), json.loads((copy / "aftune_trace.json").read_bytes())
-            assume(not (a != b and {**a, "environment": 0} == {**b, "environment": 0}))
-        except (OSError, ValueError):
-            pass
+        assume(fingerprint(copy) != before)
+        assume(not only_environment_changed(trace, copy))  # the provider's environment is informational
         report = verify_trace(copy, contract, nonce="00")
         assert report.verdict == "FAIL", f"{what}: {report.summary()}"

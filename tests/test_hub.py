@@ -20,7 +20,7 @@ from aftune_hf.hub import pull, push_trace
 from aftune_hf.recipes.causal_lm import build
 from aftune_hf.trace import checkpoint_path
 from aftune_hf.verify import verify_trace
-from tests.conftest import REPO
+from tests.conftest import REPO, record_tiny
 from tests.hub_server import FakeHub
 
 pytestmark = pytest.mark.slow
@@ -36,18 +36,7 @@ def hub():
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, base_model_dir):
-    from tests.conftest import CONFIGS, DATASET
-
-    work = tmp_path_factory.mktemp("hub")
-    data = yaml.safe_load((CONFIGS / "tiny-lora.yaml").read_text())
-    data["base_model"]["path"], data["dataset"]["path"] = str(base_model_dir), str(DATASET)
-    data["training"]["max_steps"] = 6
-    data["audit"].update(anchor_every=3, windows=2)
-    (work / "c.yaml").write_text(yaml.safe_dump(data))
-    contract = load_contract(work / "c.yaml")
-    parts = build(contract, str(work / "o"), disable_tqdm=True, logging_steps=1000)
-    transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
-    return work / "c.yaml", work / "trace"
+    return record_tiny(tmp_path_factory.mktemp("hub"), base_model_dir, steps=6, anchor_every=3, windows=2)
 
 
 def test_push_pull_verify_round_trip(hub, recorded, tmp_path):

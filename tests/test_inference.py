@@ -10,12 +10,12 @@ import torch
 import transformers
 
 import aftune_hf.generate as G
-from aftune_hf import AuditCallback
 from aftune_hf.contract import load_contract
 from aftune_hf.generate import wrap_generate
 from aftune_hf.recipes.causal_lm import build, make_base_model
 from aftune_hf.trace.inference import InferenceLogReader, call_path
 from aftune_hf.verify_inference import verify_inference
+from tests.conftest import record_tiny
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["### Instruction:\nWhat is 2 plus 3?\n### Response:\n", "Hello", "Spell the word apple backwards."]
@@ -25,20 +25,9 @@ NEW = 64
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, base_model_dir):
     """A recorded LoRA fine-tune: (contract path, trace, work dir)."""
-    import yaml
-
-    from tests.conftest import CONFIGS, DATASET
-
     work = tmp_path_factory.mktemp("inference")
-    data = yaml.safe_load((CONFIGS / "tiny-lora.yaml").read_text())
-    data["base_model"]["path"], data["dataset"]["path"] = str(base_model_dir), str(DATASET)
-    data["training"]["max_steps"] = 6
-    data["audit"].update(anchor_every=3, inference_calls=4)
-    (work / "c.yaml").write_text(yaml.safe_dump(data))
-    contract = load_contract(work / "c.yaml")
-    parts = build(contract, str(work / "o"), disable_tqdm=True, logging_steps=1000)
-    transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
-    return work / "c.yaml", work / "trace", work
+    path, trace = record_tiny(work, base_model_dir, steps=6, anchor_every=3, inference_calls=4)
+    return path, trace, work
 
 
 def served_model(audited, kind="tuned"):
