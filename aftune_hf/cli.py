@@ -6,6 +6,7 @@
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
     aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX]
     aftune push TRACE REPO_ID [--private] [--repo-type model|dataset]
+    aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C]
     TRACE and LOG may be hf://[datasets/]OWNER/NAME@COMMIT_SHA (downloaded at that commit only).
 
 Exit codes: 0 success, 1 the trace failed a check (provider fault), 2 usage or
@@ -85,7 +86,8 @@ def _verify(args: argparse.Namespace) -> int:
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     only = None if args.only_windows is None else [int(i) for i in args.only_windows.split(",") if i.strip()]
     report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
-                          only_windows=only, data_check=not args.no_data_check, endpoint=args.endpoint)  # fmt: skip
+                          only_windows=only, data_check=not args.no_data_check, endpoint=args.endpoint,
+                          progress=log is not None)  # fmt: skip
     if args.report:
         report.write(args.report)
     if args.json:
@@ -121,6 +123,22 @@ def _push(args: argparse.Namespace) -> int:
     print(f"trace root  {result.trace_root or '(unfinished trace)'}")
     print(f"commit sha  {result.commit_sha}")
     print(f"pin it:     {result.uri}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .report import plan
+
+    try:
+        p = plan(args.steps, args.anchor_every, args.bad_fraction, args.confidence)
+    except ValueError as e:
+        raise ConfigError("invalid_plan", str(e)) from None
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    print(f"{p['windows']} of {p['windows_total']} windows (re-executing {p['share_reexecuted']:.1%} of training) "
+          f"catch a provider who falsified {args.bad_fraction:.1%} of the windows with probability {p['probability']:.2%}")  # fmt: skip
+    print(f"set audit.windows: {p['windows']} in the contract (or pass --windows {p['windows']} to aftune verify)")
     return 0
 
 
@@ -177,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
     p.set_defaults(func=_push)
+    p = sub.add_parser("plan", help="windows needed to catch a given fraction of falsified windows")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--anchor-every", type=int, required=True)
+    p.add_argument("--bad-fraction", type=float, default=0.05)
+    p.add_argument("--confidence", type=float, default=0.99)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
     p = sub.add_parser("calibrate", help="measure honest replay noise here against a trace recorded elsewhere")
     p.add_argument("trace")
     p.add_argument("--contract", required=True)

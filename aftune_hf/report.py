@@ -112,6 +112,28 @@ class Detection:
         return cls(n, k, by, min_f)
 
 
+def plan(steps: int, anchor_every: int, bad_fraction: float, confidence: float) -> dict[str, float | int]:
+    """How many windows to re-execute to catch a provider who falsified ``bad_fraction`` of the
+    windows with probability >= ``confidence`` (same conservative model as :class:`Detection`).
+
+    Example:
+        >>> plan(1000, 10, 0.05, 0.99)["windows"]
+        60
+    """
+    if not (0 < bad_fraction <= 1 and 0 < confidence < 1 and steps >= 1 and anchor_every >= 1):
+        raise ValueError("need steps >= 1, anchor_every >= 1, 0 < bad_fraction <= 1, 0 < confidence < 1")
+    n = math.ceil(steps / anchor_every)
+    for k in range(1, n + 1):
+        d = Detection.compute(n, k)
+        always, mid_n = min(2, n), n - min(2, n)
+        bad = min(max(1, round(bad_fraction * n)), mid_n) if mid_n else 0
+        p = 1.0 if mid_n == 0 else detection_probability(mid_n, max(0, k - always), bad)
+        if p >= confidence:
+            return {"windows_total": n, "windows": k, "probability": p, "share_reexecuted": min(1.0, k * anchor_every / steps),
+                    "min_fraction_99": d.min_fraction_99}  # fmt: skip
+    return {"windows_total": n, "windows": n, "probability": 1.0, "share_reexecuted": 1.0, "min_fraction_99": 1 / n}
+
+
 @dataclass(frozen=True)
 class VerificationReport:
     """The verdict and everything that supports it. ``verdict`` is PASS, FAIL or ERROR."""

@@ -209,6 +209,7 @@ def verify_trace(
     data_check: bool = True,
     log: Log | None = None,
     endpoint: str | None = None,
+    progress: bool = False,
 ) -> VerificationReport:
     """Verify a local trace against the client's contract. Never raises for provider faults.
 
@@ -222,6 +223,7 @@ def verify_trace(
         only_windows: re-execute only these window indices (to split work across processes).
         data_check: run the all-steps data check.
         log: progress messages (e.g. ``print``).
+        progress: show a tqdm progress bar over the replayed windows.
     """
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
@@ -255,7 +257,9 @@ def verify_trace(
                 data = _data_check(c, integrity, work, failures)
             results = []
             todo = [i for i in challenge.chosen if only_windows is None or i in only_windows]
-            for n, i in enumerate(todo, 1):
+            from tqdm.auto import tqdm
+
+            for n, i in enumerate(tqdm(todo, desc="replaying windows", unit="window", disable=not progress), 1):
                 start, end = challenge.bounds[i]
                 say(f"replaying window {i} (steps {start + 1}-{end}) [{n}/{len(todo)}]")
                 try:
