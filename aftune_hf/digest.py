@@ -3,9 +3,9 @@
 Every formula here is specified in ``docs/FORMAT.md``; golden vectors in
 ``tests/test_digest.py`` freeze them. All hashes are BLAKE3 in ``derive_key`` mode with one
 context string per role (:data:`CONTEXTS`), so a digest made for one role can never be
-replayed as another. The Merkle tree is generic over its hash functions: with SHA-256 and
-RFC 6962's 0x00/0x01 prefixes (:data:`RFC6962_SHA256`) it reproduces the Certificate
-Transparency test vectors.
+replayed as another. The Merkle trees are :class:`aftune_hf.merkle.MerkleTree` (generic over
+its hash functions; with SHA-256 and RFC 6962's prefixes it reproduces the Certificate
+Transparency test vectors) instantiated with BLAKE3 contexts.
 
 Example:
     >>> import torch
@@ -17,16 +17,16 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import blake3 as _blake3
+
+from .merkle import RFC6962_SHA256, MerkleTree, _split  # noqa: F401 - re-exported
 
 PROTOCOL_VERSION = 1
 DIGEST_SIZE = 32
@@ -241,85 +241,7 @@ def anchor_digest(parts: Mapping[str, bytes]) -> bytes:
     return hash_bytes("anchor", canonical_json({k: v.hex() for k, v in parts.items()}))
 
 
-# --- Merkle tree (RFC 6962 shape) ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MerkleTree:
-    """An RFC 6962 Merkle tree over a leaf hash and a node hash.
-
-    ``MTH({}) = empty``, ``MTH({d}) = leaf(d)``,
-    ``MTH(D[n]) = node(MTH(D[:k]), MTH(D[k:]))`` with ``k`` the largest power of two < n.
-
-    Example:
-        >>> RFC6962_SHA256.root([b""]).hex()[:16]
-        '6e340b9cffb37a98'
-    """
-
-    leaf: Callable[[bytes], bytes]
-    node: Callable[[bytes, bytes], bytes]
-    empty: bytes
-
-    def root(self, leaves: Sequence[bytes]) -> bytes:
-        """Root over raw leaf data."""
-        return self.root_from_hashes([self.leaf(d) for d in leaves])
-
-    def root_from_hashes(self, hashes: Sequence[bytes]) -> bytes:
-        """Root over already-hashed leaves."""
-        if not hashes:
-            return self.empty
-        level = list(hashes)
-        return self._subtree(level, 0, len(level))
-
-    def _subtree(self, hashes: list[bytes], lo: int, hi: int) -> bytes:
-        n = hi - lo
-        if n == 1:
-            return hashes[lo]
-        k = _split(n)
-        return self.node(self._subtree(hashes, lo, lo + k), self._subtree(hashes, lo + k, hi))
-
-    def inclusion_proof(self, hashes: Sequence[bytes], index: int) -> list[bytes]:
-        """Audit path (RFC 6962 §2.1.1) for leaf ``index`` among ``hashes``."""
-        if not 0 <= index < len(hashes):
-            raise IndexError(f"leaf {index} outside a tree of {len(hashes)}")
-        path: list[bytes] = []
-        lo, hi = 0, len(hashes)
-        while hi - lo > 1:
-            k = _split(hi - lo)
-            if index < lo + k:
-                path.append(self._subtree(list(hashes), lo + k, hi))
-                hi = lo + k
-            else:
-                path.append(self._subtree(list(hashes), lo, lo + k))
-                lo = lo + k
-        return path[::-1]
-
-    def verify_inclusion(
-        self, leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
-    ) -> bool:
-        """RFC 9162 §2.1.3.2 inclusion verification; False on any inconsistency."""
-        if not 0 <= index < size:
-            return False
-        fn, sn, r = index, size - 1, leaf_hash
-        for p in proof:
-            if sn == 0:
-                return False
-            if fn & 1 or fn == sn:
-                r = self.node(p, r)
-                if not fn & 1:
-                    while fn & 1 == 0 and fn != 0:
-                        fn >>= 1
-                        sn >>= 1
-            else:
-                r = self.node(r, p)
-            fn >>= 1
-            sn >>= 1
-        return sn == 0 and r == root
-
-
-def _split(n: int) -> int:
-    """Largest power of two strictly smaller than ``n`` (n >= 2)."""
-    return 1 << ((n - 1).bit_length() - 1)
+# --- Merkle trees (the generic RFC 6962 tree is in merkle.py) -------------------------------
 
 
 def _blake3_tree(name: str) -> MerkleTree:
@@ -330,11 +252,6 @@ def _blake3_tree(name: str) -> MerkleTree:
     )
 
 
-RFC6962_SHA256 = MerkleTree(
-    leaf=lambda d: hashlib.sha256(b"\x00" + d).digest(),
-    node=lambda left, right: hashlib.sha256(b"\x01" + left + right).digest(),
-    empty=hashlib.sha256(b"").digest(),
-)
 STATE_TREE = _blake3_tree("state")
 BATCH_TREE = _blake3_tree("batch")
 RECORD_TREE = _blake3_tree("record")
