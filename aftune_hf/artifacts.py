@@ -27,17 +27,7 @@ VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path"})
 
 def architecture_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config.json`` without volatile keys, floats made exact, ready for canonical JSON."""
-    return _canon({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
-
-
-def _canon(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return D.encode_float(obj)
-    if isinstance(obj, (list, tuple)):
-        return [_canon(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _canon(v) for k, v in obj.items()}
-    return obj
+    return D.exact_floats({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
 
 
 def model_dir_digest(path: str | Path) -> bytes:

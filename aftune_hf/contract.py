@@ -161,7 +161,7 @@ class Contract:
         data = _plain(self)
         for art in ("base_model", "dataset"):
             data[art].pop("path")
-        return _canon(data)
+        return D.exact_floats(data)
 
     def digest(self) -> bytes:
         """The contract digest ``H_json(canonical())`` that every commitment binds."""
@@ -351,14 +351,4 @@ def _plain(obj: Any) -> Any:
         return [_plain(v) for v in obj]
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _canon(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return D.encode_float(obj)
-    if isinstance(obj, list):
-        return [_canon(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _canon(v) for k, v in obj.items()}
     return obj

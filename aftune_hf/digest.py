@@ -101,6 +101,18 @@ def decode_float(s: str) -> float:
     return float.fromhex(s)
 
 
+def exact_floats(obj: Any) -> Any:
+    """``obj`` with every float replaced by :func:`encode_float`, tuples by lists and keys made str,
+    ready for :func:`canonical_json`."""
+    if isinstance(obj, float):
+        return encode_float(obj)
+    if isinstance(obj, (list, tuple)):
+        return [exact_floats(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): exact_floats(v) for k, v in obj.items()}
+    return obj
+
+
 def canonical_json(obj: Any) -> bytes:
     """RFC 8785-compatible canonical JSON for the float-free subset we hash.
 

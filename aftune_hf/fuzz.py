@@ -155,7 +155,7 @@ def reseal(root: Path) -> None:
             e = R.link(head, i, json.loads(line)["record"])
             entries.append(e)
             head = e.chain
-        (root / "chain.jsonl").write_bytes(b"".join(D.canonical_json(e.to_json()) + b"\n" for e in entries))
+        (root / "chain.jsonl").write_bytes(b"".join(e.line() for e in entries))
         rootfile = json.loads((root / "root.json").read_text())
         files = {p.relative_to(root).as_posix(): D.file_digest(p).hex()
                  for p in sorted(root.rglob("*")) if p.is_file() and p.name != "root.json"}  # fmt: skip

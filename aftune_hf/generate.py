@@ -31,11 +31,11 @@ from . import digest as D
 from .artifacts import architecture_config
 from .errors import ConfigError
 from .live import unwrap
+from .records import CALL_CONFIG_KEYS
 from .trace.inference import InferenceLogWriter
 
-# Decoding options a verifier can re-check; anything else that changes the output is refused.
-_CHECKED = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
-            "min_new_tokens", "eos_token_id", "pad_token_id")  # fmt: skip
+# Decoding options a verifier can re-check are records.CALL_CONFIG_KEYS; anything else that changes
+# the output is refused.
 _REFUSED = {"num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "no_repeat_ngram_size": 0,
             "bad_words_ids": None, "force_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
             "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0, "sequence_bias": None,
@@ -62,7 +62,7 @@ def decoding_config(model: Any, kwargs: Mapping[str, Any]) -> Any:
 def canonical_config(gc: Any) -> dict[str, Any]:
     """The committed decoding settings (floats as exact hex)."""
     out: dict[str, Any] = {}
-    for k in _CHECKED:
+    for k in CALL_CONFIG_KEYS:
         v = getattr(gc, k, None)
         if isinstance(v, torch.Tensor):
             v = v.tolist()

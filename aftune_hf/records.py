@@ -38,8 +38,8 @@ _KEYS = {
     "resume": {"kind", "step", "reason"},
     "call": {"kind", "call", "rows", "config", "weights", "seed", "tensors"},
 }  # fmt: skip
-_CONFIG_KEYS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
-                "min_new_tokens", "eos_token_id", "pad_token_id"}  # fmt: skip
+CALL_CONFIG_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+                "min_new_tokens", "eos_token_id", "pad_token_id")  # fmt: skip
 _WEIGHT_KEYS = {"params", "model", "adapter"}
 
 
@@ -54,6 +54,10 @@ class ChainEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {"i": self.index, "record": dict(self.record), "leaf": self.leaf.hex(), "chain": self.chain.hex()}
+
+    def line(self) -> bytes:
+        """The entry as one line of a chain file: canonical JSON and a newline."""
+        return D.canonical_json(self.to_json()) + b"\n"
 
 
 def start_record(*, state: bytes, anchor: bytes) -> dict[str, Any]:
@@ -172,7 +176,7 @@ def _validate_call(rec: dict[str, Any]) -> dict[str, Any]:
     _int(rec["call"], "call", None, lo=1)
     _int(rec["rows"], "rows", None, lo=1)
     cfg, w = rec["config"], rec["weights"]
-    if not isinstance(cfg, dict) or set(cfg) != _CONFIG_KEYS:
+    if not isinstance(cfg, dict) or set(cfg) != set(CALL_CONFIG_KEYS):
         raise _bad("call config keys")
     for k, v in cfg.items():
         if not (v is None or type(v) in (bool, int) or (isinstance(v, str) and len(v) < 40)):

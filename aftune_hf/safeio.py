@@ -67,6 +67,23 @@ def _commit_tmp(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def append_durable(path: str | os.PathLike[str], data: bytes) -> None:
+    """Append ``data`` to ``path`` (created if absent) and fsync it.
+
+    Raises:
+        RecorderError: on any OS error (disk full, I/O error).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise RecorderError("write_failed", f"{e.strerror or e}", path=Path(path).name) from e
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir).
 

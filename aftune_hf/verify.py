@@ -246,7 +246,7 @@ def verify_trace(
                 if model is not None:
                     check_delivered(model, reader.schema(), integrity.root["final_state"])
             except ProviderFault as e:
-                failures.append(_failure("structure", e))
+                failures.append(failure_from("structure", e))
                 return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
             root_hex = integrity.trace_root.hex()
             challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
@@ -276,12 +276,12 @@ def verify_trace(
             )  # fmt: skip
     except (OSError, MemoryError, ImportError, AftuneError) as e:
         if isinstance(e, ProviderFault):
-            failures.append(_failure("structure", e))
+            failures.append(failure_from("structure", e))
             return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
         return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
 
 
-def _failure(check: str, e: AftuneError) -> Failure:
+def failure_from(check: str, e: AftuneError) -> Failure:
     return Failure(check, e.code, f"{e.detail}{f' ({e.path})' if e.path else ''}", e.step)
 
 

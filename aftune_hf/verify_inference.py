@@ -34,7 +34,7 @@ from .replay import build_recipe
 from .report import ERROR, FAIL, PASS, CallResult, Detection, Failure, VerificationReport
 from .trace import TraceReader
 from .trace.inference import InferenceLogReader
-from .verify import check_structure
+from .verify import check_structure, failure_from
 
 TIE_MARGIN = 1e-4  # relative to the largest |logit|: greedy ties within this are accepted
 CDF_TOLERANCE = 1e-6  # a sampled uniform this close to its token's interval is accepted
@@ -185,7 +185,7 @@ def verify_inference(
                 local_trace = None if trace is None else local_copy(trace, Path(tmp) / "trace", endpoint=endpoint)
                 model, final_state = audited_model(c, local_trace, Path(tmp))
             except ProviderFault as e:
-                failures.append(Failure("structure", e.code, f"{e.detail}{f' ({e.path})' if e.path else ''}", e.step))
+                failures.append(failure_from("structure", e))
                 return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
             model.eval()
             expected = served_weights(model)
@@ -232,7 +232,7 @@ def verify_inference(
         raise
     except (OSError, MemoryError, ImportError, AftuneError) as e:
         if isinstance(e, ProviderFault):
-            failures.append(Failure("structure", e.code, e.detail, e.step))
+            failures.append(failure_from("structure", e))
             return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
         return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from .. import digest as D
 from .. import records as R
-from ..errors import CommitmentError, ManifestMismatchError, RecorderError, TraceFormatError
-from ..safeio import atomic_save_safetensors, atomic_write_bytes, parse_safetensors, read_regular_file
+from ..errors import CommitmentError, ManifestMismatchError, TraceFormatError
+from ..safeio import append_durable, atomic_save_safetensors, atomic_write_bytes, parse_safetensors, read_regular_file
 from .layout import Limits, environment, parse_chain, read_json, scan_files
 from .writer import _acquire_lock
 
@@ -74,13 +74,7 @@ class InferenceLogWriter:
         atomic_save_safetensors(self.root / call_path(call), tensors, {"format": "pt"})
         record = R.call_record(call=call, tensors=D.state_digest(tensors), **fields)
         entry = R.link(self._head, call, record)
-        try:
-            with open(self.root / CALLS, "ab") as f:
-                f.write(D.canonical_json(entry.to_json()) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise RecorderError("write_failed", str(e), path=CALLS) from e
+        append_durable(self.root / CALLS, entry.line())
         self.entries.append(entry)
         self._head = entry.chain
         return entry

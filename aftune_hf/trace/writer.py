@@ -11,7 +11,7 @@ from typing import Any
 from .. import digest as D
 from .. import records as R
 from ..errors import RecorderError, TraceFormatError, TraceLockedError
-from ..safeio import atomic_write_bytes, commit_staged, fsync_dir, stage_safetensors
+from ..safeio import append_durable, atomic_write_bytes, commit_staged, fsync_dir, stage_safetensors
 from .layout import (
     ANCHOR_META_KEYS, ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, LOCK, ROOT, Anchor, Limits, Schema,
     expected_files, parse_chain_line, read_json, anchor_path, checkpoint_path, environment,
@@ -96,7 +96,7 @@ class TraceWriter:
             raise RecorderError("resume_gap", f"the trace has no committed step {step} (last is {self.last_step})")
         if keep + 1 < len(self.entries):
             self.entries = self.entries[: keep + 1]
-            data = b"".join(D.canonical_json(e.to_json()) + b"\n" for e in self.entries)
+            data = b"".join(e.line() for e in self.entries)
             atomic_write_bytes(self.root / CHAIN, data)
             self._head = self.entries[-1].chain
             self._remove_orphans()
@@ -150,16 +150,7 @@ class TraceWriter:
     def append(self, record: Mapping[str, Any]) -> R.ChainEntry:
         """Commit ``record``: one canonical JSON line, appended and fsynced."""
         entry = R.link(self._head, len(self.entries) + 1, record)
-        line = D.canonical_json(entry.to_json()) + b"\n"
-        try:
-            fd = os.open(self.root / CHAIN, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise RecorderError("write_failed", f"{e.strerror or e}", path=CHAIN) from e
+        append_durable(self.root / CHAIN, entry.line())
         self.entries.append(entry)
         self._head = entry.chain
         return entry
