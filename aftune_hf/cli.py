@@ -5,6 +5,7 @@
     aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
     aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX]
+    aftune report REPORT.json --html OUT.html   render a JSON report as a self-contained HTML page
     aftune push TRACE REPO_ID [--private] [--repo-type model|dataset]
     aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C]
     TRACE and LOG may be hf://[datasets/]OWNER/NAME@COMMIT_SHA (downloaded at that commit only).
@@ -88,8 +89,7 @@ def _verify(args: argparse.Namespace) -> int:
     report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
                           only_windows=only, data_check=not args.no_data_check, endpoint=args.endpoint,
                           progress=log is not None)  # fmt: skip
-    if args.report:
-        report.write(args.report)
+    _write_reports(report, args)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
@@ -107,9 +107,36 @@ def _verify_inference(args: argparse.Namespace) -> int:
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     report = verify_inference(args.log, args.contract, trace=args.trace, calls=args.calls, nonce=args.nonce,
                               num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint)  # fmt: skip
+    _write_reports(report, args)
+    print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.summary())
+    return report.exit_code
+
+
+def _write_reports(report, args: argparse.Namespace) -> None:
     if args.report:
         report.write(args.report)
-    print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.summary())
+    if args.html:
+        from .htmlreport import write_html
+
+        write_html(report, args.html)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .htmlreport import write_html
+    from .report import report_from_json
+
+    try:
+        report = report_from_json(json.loads(open(args.report, encoding="utf-8").read()))
+    except FileNotFoundError:
+        raise ConfigError("report_not_found", "no such file", path=args.report) from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError("invalid_report", f"not an aftune JSON report: {e}", path=args.report) from None
+    if args.html:
+        write_html(report, args.html)
+        if not args.quiet:
+            print(f"wrote {args.html}", file=sys.stderr)
+    else:
+        print(report.summary())
     return report.exit_code
 
 
@@ -170,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, help="windows to re-execute (default: the contract's audit.windows)")
     p.add_argument("--model", help="the weights or adapter you received; must equal the trace's final state")
     p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
@@ -185,9 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-calls", type=int, help="calls to sample (default: the contract's audit.inference_calls)")
     p.add_argument("--endpoint", help="Hub URL for hf:// logs and traces")
     p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_verify_inference)
+    p = sub.add_parser("report", help="render a JSON report (from verify --report) as HTML, or summarise it")
+    p.add_argument("report", help="the JSON report")
+    p.add_argument("--html", help="write a self-contained HTML page here (otherwise print the summary)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_report)
     p = sub.add_parser("push", help="push a finished trace or inference log to the Hub; prints root and commit sha")
     p.add_argument("trace")
     p.add_argument("repo_id")

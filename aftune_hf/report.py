@@ -152,6 +152,10 @@ class VerificationReport:
     error: str | None = None
     seconds: float = 0.0
     calls: tuple[CallResult, ...] = ()
+    source: str | None = None  # the trace as given: a directory or hf://REPO@COMMIT_SHA (the pinned revision)
+    tolerance: float = 0.0  # the contract's audit.tolerance (0 in exact mode: bit equality)
+    contract: dict[str, Any] | None = None  # the client's contract, canonical form (no local paths)
+    curve: tuple[tuple[int, float, float], ...] = ()  # (step, loss, lr) as recorded in the trace
 
     @property
     def ok(self) -> bool:
@@ -210,6 +214,7 @@ def report_from_json(data: dict[str, Any]) -> VerificationReport:
             "detection": Detection(**data["detection"]) if data.get("detection") else None,
             "failures": tuple(Failure(**f) for f in data.get("failures", [])),
             "calls": tuple(CallResult(**c) for c in data.get("calls", [])),
+            "curve": tuple((int(s), float(l), float(r)) for s, l, r in data.get("curve", [])),
         }
     )  # fmt: skip
 
@@ -231,5 +236,5 @@ def merge_reports(parts: list[VerificationReport]) -> VerificationReport:
     return VerificationReport(
         verdict, first.contract_digest, first.mode, first.trace_root, first.nonce, first.seed, first.num_steps,
         windows, data, first.detection, failures, "; ".join(errors) or None, max(p.seconds for p in parts),
-        tuple(c for p in parts for c in p.calls),
+        tuple(c for p in parts for c in p.calls), first.source, first.tolerance, first.contract, first.curve,
     )  # fmt: skip

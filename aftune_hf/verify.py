@@ -229,7 +229,8 @@ def verify_trace(
     t0 = time.perf_counter()
     c = contract if isinstance(contract, Contract) else load_contract(contract)
     nonce_bytes = bytes.fromhex(nonce) if isinstance(nonce, str) else (nonce or os.urandom(16))
-    base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex())
+    base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex(), source=str(trace),
+                tolerance=c.audit.tolerance, contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []
     try:
         with tempfile.TemporaryDirectory(prefix="aftune-verify-") as tmp:
@@ -272,7 +273,7 @@ def verify_trace(
             return VerificationReport(
                 verdict, **base, trace_root=root_hex, seed=challenge.seed.hex(), num_steps=integrity.num_steps,
                 windows=tuple(results), data_check=data, detection=detection, failures=tuple(failures),
-                seconds=time.perf_counter() - t0,
+                seconds=time.perf_counter() - t0, curve=_curve(integrity),
             )  # fmt: skip
     except (OSError, MemoryError, ImportError, AftuneError) as e:
         if isinstance(e, ProviderFault):
@@ -300,6 +301,11 @@ def _data_check(c: Contract, integrity: Integrity, work: Path, failures: list[Fa
     if checked != integrity.num_steps:
         failures.append(Failure("data", "data_mismatch", f"the data pipeline yields {checked} steps"))
     return DataCheck(checked, tuple(bad), time.perf_counter() - t0)
+
+
+def _curve(integrity: Integrity) -> tuple[tuple[int, float, float], ...]:
+    """(step, loss, lr) of every step as the trace records it, for the report's plots."""
+    return tuple((s, D.decode_float(r["loss"]), D.decode_float(r["lr"])) for s, r in sorted(integrity.steps().items()) if s)
 
 
 def _window_failures(res: WindowResult) -> list[Failure]:

@@ -168,7 +168,8 @@ def verify_inference(
     t0 = time.perf_counter()
     c = contract if isinstance(contract, Contract) else load_contract(contract)
     nonce_bytes = bytes.fromhex(nonce) if isinstance(nonce, str) else (nonce or os.urandom(16))
-    base = dict(contract_digest=c.digest_hex(), mode="inference", nonce=nonce_bytes.hex())
+    base = dict(contract_digest=c.digest_hex(), mode="inference", nonce=nonce_bytes.hex(), source=str(log),
+                contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []
     try:
         client = load_client_calls(calls) if calls else None

@@ -276,3 +276,27 @@ def test_calibrate_measures_honest_noise(tolerance_setup):
     result = json.loads(p.stdout)
     assert result["cpu_capability"] == "DEFAULT"
     assert 0 < result["max"] < 1e-6 and result["proposed_tolerance"] == pytest.approx(10 * result["max"])
+
+
+def test_html_report_in_headless_chromium(tolerance_setup, tmp_path):
+    """`aftune verify --html` and `aftune report --html`: the page a client forwards, opened in a real browser."""
+    from tests.browser import render_in_chromium
+
+    contract, trace = tolerance_setup
+    p = _cli(["verify", trace, "--contract", contract, "--nonce", "0a", "--quiet", "--report", tmp_path / "pass.json",
+              "--html", tmp_path / "pass.html"])  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    cheated, _ = record(contract, tmp_path / "cheat", cheat=Cheat("lr", 4, amount=0.9))
+    verify_trace(cheated, contract, nonce="0a").write(tmp_path / "fail.json")
+    p = _cli(["report", tmp_path / "fail.json", "--html", tmp_path / "fail.html"])
+    assert p.returncode == 1, p.stderr[-2000:]  # `aftune report` exits with the report's verdict code
+    for name, verdict in (("pass", "PASS"), ("fail", "FAIL")):
+        dom = render_in_chromium(tmp_path / f"{name}.html", tmp_path / f"{name}.png")
+        assert f'id="verdict" style="background:#' in dom and f">{verdict}</h1>" in dom
+        for plot in ("distance-plot", "loss-plot", "lr-plot"):  # each holds an SVG with a drawn line
+            block = dom.split(f'id="{plot}"', 1)[1].split("</div>", 1)[0]
+            assert "<svg" in block and 'class="series"' in block and "points=" in block, plot
+        assert 'class="tolerance"' in dom  # the contract's tolerance is drawn on the distance plot
+        assert "http://" not in dom.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched
+    fail_dom = render_in_chromium(tmp_path / "fail.html", tmp_path / "fail2.png")
+    assert 'id="failures"' in fail_dom and 'class="failed-step"' in fail_dom and "replay_mismatch" in fail_dom
