@@ -326,11 +326,12 @@ class AuditCallback(StepObserver):
         if digest is not None and self.hub["repo_id"]:
             self._push_in_background()
 
-    def _push(self) -> Any:
+    def _push(self, progress: bool = False) -> Any:
         from .hub import push_trace
 
         h = self.hub
-        return push_trace(self.trace_dir, h["repo_id"], private=h["private"], endpoint=h["endpoint"], token=h["token"])
+        return push_trace(self.trace_dir, h["repo_id"], private=h["private"], endpoint=h["endpoint"], token=h["token"],
+                          progress=progress)  # fmt: skip
 
     def _push_in_background(self) -> None:
         """Push the trace so far; skipped while a previous push is still running."""
@@ -359,12 +360,12 @@ class AuditCallback(StepObserver):
             fields = {"format_version": 1, "contract_digest": self.writer.header["contract_digest"],
                       "num_steps": state.global_step, "num_records": len(self.writer.entries),
                       "chain_head": self.writer.entries[-1].chain.hex(), "final_state": final.hex()}  # fmt: skip
-            self.root = self.writer.finalize(render_card(self.writer.header, fields), final)
+            self.root = self.writer.finalize(render_card(self.writer.header, fields), final, progress=not args.disable_tqdm)
             logger.info("aftune: trace %s finalized, root %s", self.trace_dir, self.root["trace_root"])
             if self.hub["repo_id"]:
                 if self._pusher is not None:
                     self._pusher.shutdown(wait=True)
-                self.push_result = self._push()  # FetchError here: the local trace is complete; retry `aftune push`
+                self.push_result = self._push(progress=not args.disable_tqdm)  # FetchError here: the local trace is complete; retry `aftune push`
                 logger.info("aftune: pushed %s", self.push_result.uri)
         else:
             self.writer.close()

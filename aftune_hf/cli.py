@@ -146,7 +146,10 @@ def _push(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.trace):
         raise ConfigError("trace_not_found", "no such directory", path=args.trace)
     result = push_trace(args.trace, args.repo_id, private=args.private, repo_type=args.repo_type,
-                        endpoint=args.endpoint)  # fmt: skip
+                        endpoint=args.endpoint, progress=not (args.quiet or args.json))  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
     print(f"trace root  {result.trace_root or '(unfinished trace)'}")
     print(f"commit sha  {result.commit_sha}")
     print(f"pin it:     {result.uri}")
@@ -228,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--json", action="store_true", help="print repo, commit sha, trace root and URI as JSON")
+    p.add_argument("--quiet", action="store_true", help="no upload progress bars")
     p.set_defaults(func=_push)
     p = sub.add_parser("plan", help="windows needed to catch a given fraction of falsified windows")
     p.add_argument("--steps", type=int, required=True)

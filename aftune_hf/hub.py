@@ -15,11 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from .errors import ConfigError, FetchError, ManifestMismatchError, ResourceLimitError
 from .safeio import atomic_write_bytes, validate_relpath
@@ -44,6 +48,9 @@ class PushResult:
         prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
         return f"hf://{prefix}{self.repo_id}@{self.commit_sha}"
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "uri": self.uri}
+
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
     """``hf://[datasets/]OWNER/NAME@COMMIT_SHA`` -> (repo_id, revision, repo_type); the revision must be a
@@ -58,6 +65,13 @@ def _api(endpoint: str | None, token: str | None) -> Any:
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=endpoint, token=token)
+
+
+class _Silent(tqdm):
+    """Per-file bars of ``hf_hub_download`` off: :func:`pull` shows one bar for the whole trace."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "disable": True})
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -76,12 +90,18 @@ def push_trace(
     endpoint: str | None = None,
     commit_message: str | None = None,
     check: bool = True,
+    progress: bool = True,
 ) -> PushResult:
     """Upload a trace or inference log directory with ``huggingface_hub``; return the commit.
 
     With ``check`` (default) a finished training trace is integrity-checked first, so a broken trace
     is never published. An unfinished one (no ``root.json``, e.g. pushed during training) is pushed
-    as it is.
+    as it is. ``progress=False`` silences ``huggingface_hub``'s upload bars for this call.
+
+    Example:
+        >>> r = push_trace("runs/trace", "me/audit")            # doctest: +SKIP
+        >>> r.uri                                                # doctest: +SKIP
+        'hf://me/audit@0f3c...'
     """
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -91,15 +111,31 @@ def push_trace(
         root = TraceReader(path).check_integrity().trace_root.hex()
     api = _api(endpoint, token)
     try:
-        api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(path), repo_id=repo_id, repo_type=repo_type,
-            commit_message=commit_message or (f"aftune trace {root}" if root else "aftune trace (in progress)"),
-            ignore_patterns=IGNORE_ON_PUSH,
-        )  # fmt: skip
+        with _hub_bars(progress):
+            api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
+            info = api.upload_folder(
+                folder_path=str(path), repo_id=repo_id, repo_type=repo_type,
+                commit_message=commit_message or (f"aftune trace {root}" if root else "aftune trace (in progress)"),
+                ignore_patterns=IGNORE_ON_PUSH,
+            )  # fmt: skip
     except (HfHubHTTPError, *_network_errors()) as e:
         raise FetchError("push_failed", f"{type(e).__name__}: {str(e)[:300]}", path=repo_id) from e
     return PushResult(repo_id, repo_type, info.oid, root)
+
+
+@contextlib.contextmanager
+def _hub_bars(enabled: bool) -> Iterator[None]:
+    """``huggingface_hub``'s own progress bars on or off for the duration (restored afterwards)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
 
 
 def pull(
@@ -111,8 +147,10 @@ def pull(
     token: str | None = None,
     endpoint: str | None = None,
     limits: Limits = Limits(),
+    progress: bool = False,
 ) -> Path:
-    """Download every file of ``repo_id`` at commit ``revision`` into ``dest`` (a fresh directory)."""
+    """Download every file of ``repo_id`` at commit ``revision`` into ``dest`` (a fresh directory);
+    ``progress`` shows one bar over all the bytes."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
@@ -135,17 +173,20 @@ def pull(
             if f.size > limits.max_tensor_file_bytes:
                 raise ResourceLimitError("file_too_large", f"{f.size} bytes", path=f.path)
         cache = out.parent / f".{out.name}.hub-cache"
-        for f in listing:
-            if f.path in IGNORED:
-                continue
+        wanted = [f for f in listing if f.path not in IGNORED]
+        bar = tqdm(total=sum(f.size for f in wanted), desc="downloading trace", unit="B", unit_scale=True,
+                   disable=not progress)  # fmt: skip
+        for f in wanted:
             local = hf_hub_download(repo_id, f.path, revision=revision, repo_type=repo_type, cache_dir=cache,
-                                    endpoint=endpoint, token=token)  # fmt: skip
+                                    endpoint=endpoint, token=token, tqdm_class=_Silent)  # fmt: skip
+            bar.update(f.size)
             target = out / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
             data = Path(local).read_bytes()
             if len(data) != f.size:
                 raise ManifestMismatchError("hash_mismatch", "served size differs from the listing", path=f.path)
             atomic_write_bytes(target, data)  # our own plain copy, never the cache's symlink
+        bar.close()
         shutil.rmtree(cache, ignore_errors=True)
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise ManifestMismatchError("not_served", f"{type(e).__name__}: the provider does not serve this revision",
@@ -155,9 +196,12 @@ def pull(
     return out
 
 
-def local_copy(trace: str | Path, work: Path, *, endpoint: str | None = None, token: str | None = None) -> Path:
+def local_copy(
+    trace: str | Path, work: Path, *, endpoint: str | None = None, token: str | None = None, progress: bool = False
+) -> Path:
     """A local directory for ``trace``: itself, or a fresh pull of an ``hf://REPO@SHA`` URI."""
     if isinstance(trace, str) and trace.startswith("hf://"):
         repo_id, revision, repo_type = parse_uri(trace)
-        return pull(repo_id, revision, work / "pulled", repo_type=repo_type, endpoint=endpoint, token=token)
+        return pull(repo_id, revision, work / "pulled", repo_type=repo_type, endpoint=endpoint, token=token,
+                    progress=progress)  # fmt: skip
     return Path(trace)

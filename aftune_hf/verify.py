@@ -240,7 +240,7 @@ def verify_trace(
 
                 if isinstance(trace, str) and trace.startswith("hf://"):
                     say(f"downloading {trace}")
-                local = local_copy(trace, work, endpoint=endpoint)
+                local = local_copy(trace, work, endpoint=endpoint, progress=progress)
                 say("structural check")
                 reader = TraceReader(local)
                 integrity = check_structure(reader, c, work)

@@ -6,6 +6,7 @@ stands in for the Hugging Face Hub (create repo, commit, list and download at a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,8 +105,15 @@ def test_cli_push_and_verify_and_unreachable_endpoint(hub, recorded):
     sha = lines["commit"].split()[-1]
     uri = f"hf://me/cli@{sha}"
     assert uri in p.stdout
+    q = _cli("push", trace, "me/cli", "--endpoint", endpoint, "--json")  # same files: no new commit
+    assert q.returncode == 0 and json.loads(q.stdout)["trace_root"] == lines["trace"].split()[-1], q.stderr[-2000:]
     p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--quiet")
     assert p.returncode == 0 and p.stdout.startswith("PASS"), p.stdout + p.stderr[-2000:]
+    assert "downloading trace" not in p.stderr
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--no-data-check")
+    assert p.returncode == 0 and "downloading trace" in p.stderr and "replaying windows" in p.stderr, p.stderr[-2000:]
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["source"] == uri and "downloading trace" not in p.stderr
     # a dead endpoint: ERROR (exit 2), never PASS
     p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", "http://127.0.0.1:9", "--quiet",
              HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")  # fmt: skip

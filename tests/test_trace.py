@@ -294,7 +294,7 @@ def test_second_writer_is_locked_out(tmp_path):
         TraceWriter.create(tmp_path / "t", contract_digest=bytes(32), contract={}, schema={})
 
 
-def test_resume_after_crash_cleans_torn_state(tmp_path):
+def test_resume_after_crash_cleans_torn_state(tmp_path, capfd):
     root = tmp_path / "t"
     w, model = tracekit.write_trace(root, steps=3, finalize=False)
     committed = (root / CHAIN).read_bytes()
@@ -310,7 +310,9 @@ def test_resume_after_crash_cleans_torn_state(tmp_path):
     assert not list(root.rglob("*.tmp-*"))
     assert w2.last_step == 3
     w2.append(R.resume_record(step=3, reason="test crash"))
-    w2.finalize("card", D.state_digest(tracekit.params(model)))
+    capfd.readouterr()
+    w2.finalize("card", D.state_digest(tracekit.params(model)), progress=True)
+    assert "sealing trace" in capfd.readouterr().err  # progress while every file is hashed into root.json
     integrity = TraceReader(root).check_integrity()
     assert integrity.num_steps == 3 and integrity.entries[-1].record["kind"] == "resume"
 

@@ -155,11 +155,16 @@ class TraceWriter:
         self._head = entry.chain
         return entry
 
-    def finalize(self, card: str, final_state: bytes) -> dict[str, Any]:
-        """Write the card and ``root.json``; release the lock. Returns the root record."""
+    def finalize(self, card: str, final_state: bytes, *, progress: bool = False) -> dict[str, Any]:
+        """Write the card and ``root.json`` (hashing every file; ``progress`` shows a bar); release the
+        lock. Returns the root record."""
+        from tqdm.auto import tqdm
+
         R.check_sequence(self.entries)
         atomic_write_bytes(self.root / CARD, card.encode("utf-8"))
-        files = {rel: D.file_digest(self.root / rel).hex() for rel in sorted(expected_files(self.entries))}
+        names = sorted(expected_files(self.entries))
+        files = {rel: D.file_digest(self.root / rel).hex()
+                 for rel in tqdm(names, desc="aftune: sealing trace", unit="file", disable=not progress)}  # fmt: skip
         fields = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
