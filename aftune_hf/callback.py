@@ -17,9 +17,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +35,10 @@ from . import digest as D
 from . import records as R
 from .card import render_card
 from .contract import Contract, load_contract
+from .dist import all_gather_bytes
 from .errors import ContractViolationError, RecorderError
-from .live import contract_differences, make_anchor, trainable_params, unwrap
+from .live import contract_differences, make_anchor, rng_states, trainable_params, unwrap
+from .statecodec import encode_rng
 from .trace import Anchor, TraceWriter, schema_of
 
 logger = logging.getLogger(__name__)
@@ -212,6 +217,7 @@ class AuditCallback(StepObserver):
         self._push_pending: Any = None
         self.push_result: Any = None
         self.root: dict[str, Any] | None = None
+        self.rank, self.world, self._device = 0, 1, "cpu"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -221,8 +227,34 @@ class AuditCallback(StepObserver):
             self._begin(args, state, model, optimizer, lr_scheduler, train_dataloader)
 
     def _begin(self, args, state, model, optimizer, lr_scheduler, train_dataloader) -> None:
-        if args.world_size > 1:
-            raise RecorderError("unsupported", "multi-process recording is not supported yet")
+        # Multi-process (DDP under accelerate launch / torchrun): every rank checks the contract and
+        # captures its own micro-batches; the main process alone writes. Each sync point gathers
+        # every rank's status, so a failure on any rank stops all of them at the same step.
+        self.rank, self.world, self._device = args.process_index, args.world_size, args.device
+        try:
+            diffs = contract_differences(
+                self.contract, args, model, train_dataloader,
+                check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft),
+            )  # fmt: skip
+            if diffs:
+                raise ContractViolationError(
+                    "contract_mismatch", "refusing to record; the run differs from the contract:\n  " + "\n  ".join(diffs)
+                )
+            rng = self._rank_rng()
+        except BaseException as e:
+            self._sync(error=e)
+            raise
+        rngs = self._sync(rng)
+        try:
+            if self.rank == 0:
+                self._open_trace(state, model, optimizer, lr_scheduler, rngs)
+        except BaseException as e:
+            self._sync(error=e)
+            raise
+        self._sync()
+        self.capture.install(unwrap(model))
+
+    def _open_trace(self, state, model, optimizer, lr_scheduler, rngs: list[bytes]) -> None:
         chain = self.trace_dir / "chain.jsonl"
         started = chain.exists() and chain.stat().st_size > 0
         if started and (self.trace_dir / "root.json").exists() and state.global_step == 0:
@@ -230,24 +262,50 @@ class AuditCallback(StepObserver):
                 "trace_exists", "this trace is finished; record a new run into a new directory", path=str(self.trace_dir)
             )
         resumed = state.global_step > 0 or started  # a restart from scratch resumes at step 0
-        diffs = contract_differences(
-            self.contract, args, model, train_dataloader,
-            check_base=self.check_base_model and (state.global_step == 0 or self.contract.is_peft),
-        )  # fmt: skip
-        if diffs:
-            raise ContractViolationError(
-                "contract_mismatch", "refusing to record; the run differs from the contract:\n  " + "\n  ".join(diffs)
-            )
         params = trainable_params(model)
         if resumed:
             self.writer = self._resume_writer(state.global_step, params)
         else:
             self.writer = self._fresh_writer(params)
-            anchor = make_anchor(0, model, optimizer, lr_scheduler, state)
+            anchor = self._with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
             a0 = self.writer.write_anchor(anchor)
             self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
         self._bg = _BackgroundWriter(self.queue_size)
-        self.capture.install(unwrap(model))
+
+    # -- multi-process ----------------------------------------------------------------------------
+
+    def _sync(self, payload: bytes = b"", error: BaseException | None = None) -> list[bytes]:
+        """All-gather ``payload`` with this rank's status; if any rank failed, every rank raises."""
+        if self.world == 1:
+            return [payload]
+        parts = all_gather_bytes((b"\x01" if error else b"\x00") + payload, self._device)
+        failed = [r for r, p in enumerate(parts) if p[:1] != b"\x00"]
+        if error is None and failed:
+            raise RecorderError("rank_failed", f"recording failed on rank {failed[0]}; every rank stops")
+        return [p[1:] for p in parts]
+
+    def _rank_rng(self) -> bytes:
+        """This process's RNG state as bytes (safetensors + JSON), for the main process's anchor."""
+        if self.world == 1:
+            return b""
+        from safetensors.torch import save
+
+        tensors, meta = encode_rng(rng_states())
+        blob = json.dumps(meta, sort_keys=True).encode()
+        return struct.pack("<Q", len(blob)) + blob + save(tensors)
+
+    def _with_ranks(self, anchor: Anchor, rngs: list[bytes]) -> Anchor:
+        """The anchor with every rank's RNG state: meta ``rng`` a list per rank, tensors ``rank{r}.*``."""
+        if self.world == 1:
+            return anchor
+        from safetensors.torch import load
+
+        tensors, metas = {}, []
+        for r, blob in enumerate(rngs):
+            (n,) = struct.unpack("<Q", blob[:8])
+            metas.append(json.loads(blob[8 : 8 + n]))
+            tensors.update({f"rank{r}.{k}": v for k, v in load(blob[8 + n :]).items()})
+        return dataclasses.replace(anchor, rng=tensors, meta={**anchor.meta, "rng": metas})
 
     def _fresh_writer(self, params: dict[str, torch.Tensor]) -> TraceWriter:
         if self.trace_dir.exists() and any(self.trace_dir.iterdir()):
@@ -275,8 +333,9 @@ class AuditCallback(StepObserver):
         return writer
 
     def on_step_begin(self, args, state, control, **kwargs):
-        with self._abort_on_error():
-            self._check_bg()
+        if self.world == 1:  # with several processes the check runs at the step-end sync
+            with self._abort_on_error():
+                self._check_bg()
         super().on_step_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -287,11 +346,28 @@ class AuditCallback(StepObserver):
         # Everything small is captured now; the trainable tensors and optimizer state are read
         # by the writer thread *in place* while the next step's forward/backward runs (they do
         # not change until its optimizer.step, where on_pre_optimizer_step waits for the reads).
-        fields, params = self.observe(state, model, state_digest=False)
-        step = fields["step"]
-        audit, last = self.contract.audit, step == self.contract.training.max_steps
-        anchor = (make_anchor(step, model, optimizer, lr_scheduler, state, copy=False)
-                  if step % audit.anchor_every == 0 or last else None)  # fmt: skip
+        audit, step = self.contract.audit, state.global_step
+        last = step == self.contract.training.max_steps
+        anchored = step % audit.anchor_every == 0 or last
+        try:
+            self._check_bg()
+            fields, params = self.observe(state, model, state_digest=False)
+            mine = struct.pack("<d", fields["loss"]) + b"".join(fields["batches"][0])
+            rng = self._rank_rng() if anchored else b""
+        except BaseException as e:
+            self._sync(error=e)
+            raise
+        parts = self._sync(struct.pack("<Q", len(mine)) + mine + rng)
+        if self.rank != 0:
+            return
+        if self.world > 1:  # every rank's micro-batches, rank order; the loss summed over ranks
+            mine = [p[8 : 8 + struct.unpack("<Q", p[:8])[0]] for p in parts]
+            fields["batches"] = [[m[i : i + 32] for i in range(8, len(m), 32)] for m in mine]
+            fields["loss"] = math.fsum(struct.unpack("<d", m[:8])[0] for m in mine)
+        anchor = None
+        if anchored:
+            anchor = make_anchor(step, model, optimizer, lr_scheduler, state, copy=False)
+            anchor = self._with_ranks(anchor, [p[8 + struct.unpack("<Q", p[:8])[0] :] for p in parts])
         checkpoint = step % audit.checkpoint_every == 0 or last
         self._reads_done.clear()
         self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor))
@@ -300,6 +376,8 @@ class AuditCallback(StepObserver):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         super().on_pre_optimizer_step(args, state, control, model=model, **kwargs)
+        if self._bg is None:  # not the writing process
+            return
         with self._abort_on_error():
             while not self._reads_done.wait(timeout=1.0):
                 self._check_bg()  # a failed job never sets the event

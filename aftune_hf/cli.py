@@ -68,9 +68,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     for k in ("trace_root", "run_id", "contract_digest", "num_steps", "num_records", "resumes", "checkpoints", "anchors", "final_state"):
         print(f"{k:16} {summary[k]}")
-    print(f"{'step':>6} {'loss':>10} {'lr':>10} {'micro-batches':>14}")
+    print(f"{'step':>6} {'loss':>10} {'lr':>10}  data")
     for r in steps:
-        print(f"{r['step']:>6} {hex_float(r, 'loss'):>10.4f} {hex_float(r, 'lr'):>10.3g} {sum(map(len, r['batches'])):>14}")
+        print(f"{r['step']:>6} {hex_float(r, 'loss'):>10.4f} {hex_float(r, 'lr'):>10.3g}  {r['data'][:16]}")
     return 0
 
 

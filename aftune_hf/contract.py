@@ -90,6 +90,7 @@ class Training:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     padding: Padding = field(default_factory=Padding)
+    world_size: int = 1  # data-parallel processes; the global batch is per_device x GA x world_size
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Contract:
         _positive(t.max_steps, "training.max_steps")
         _positive(t.per_device_train_batch_size, "training.per_device_train_batch_size")
         _positive(t.gradient_accumulation_steps, "training.gradient_accumulation_steps")
+        _positive(t.world_size, "training.world_size")
         _positive(a.anchor_every, "audit.anchor_every")
         _positive(a.checkpoint_every, "audit.checkpoint_every")
         _positive(a.windows, "audit.windows")
@@ -180,6 +182,19 @@ class Contract:
     @property
     def is_peft(self) -> bool:
         return self.peft is not None
+
+    def single_process(self) -> Contract:
+        """The same job in one process: gradient accumulation over every rank's micro-batches.
+
+        With the Trainer's seeded sampler and token-averaged loss, one process with
+        ``GA x world_size`` micro-batches per step sees the same batches (rank ``r`` had micro-batches
+        ``r, r + W, r + 2W, ...`` of the step) and computes the same update up to float order.
+        """
+        t = self.training
+        if t.world_size == 1:
+            return self
+        one = dataclasses.replace(t, world_size=1, gradient_accumulation_steps=t.gradient_accumulation_steps * t.world_size)
+        return dataclasses.replace(self, training=one)
 
     def training_arguments_kwargs(self) -> dict[str, Any]:
         """The ``TrainingArguments`` fields the contract fixes (everything that changes the math).

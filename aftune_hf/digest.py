@@ -42,6 +42,7 @@ CONTEXTS: dict[str, str] = {
         "batch node",
         "batch empty",
         "record leaf",
+        "step data",
         "record node",
         "record empty",
         "chain",
@@ -227,6 +228,15 @@ def batch_digest(batch: Mapping[str, Any]) -> bytes:
     return named_digest(
         {n: tensor_digest(t) for n, t in batch.items() if isinstance(t, torch.Tensor)}, BATCH_TREE
     )
+
+
+def step_data_digest(batches: Sequence[Sequence[bytes]]) -> bytes:
+    """One digest for everything a step trained on: ``batches[rank][micro]`` are :func:`batch_digest`
+    values, in rank then micro-batch order; the counts are bound in, so no batch can move or vanish."""
+    parts = [u64(len(batches))]
+    for rank in batches:
+        parts += [u64(len(rank)), *rank]
+    return hash_bytes("step data", *parts)
 
 
 def file_digest(path: str | Path) -> bytes:

@@ -123,6 +123,7 @@ def contract_differences(
         if isinstance(want, float) and isinstance(have, (int, float)):
             have = float(have)
         cmp(f"training.{key}", want, have)
+    cmp("training.world_size", contract.training.world_size, int(getattr(args, "world_size", 1)))
     m = unwrap(model)
     cfg = (m.get_base_model() if hasattr(m, "get_base_model") else m).config
     cmp("training.attn_implementation", contract.training.attn_implementation, getattr(cfg, "_attn_implementation", None))

@@ -1,10 +1,11 @@
 """Chain records: their exact schemas, validation, and the chain arithmetic over them.
 
 A trace's ``chain.jsonl`` is a sequence of records, each committed by a leaf hash and a
-chain hash (``docs/FORMAT.md``). Three kinds exist:
+chain hash (``docs/FORMAT.md``); a line stores the record and its chain hash (the leaf is
+recomputed). Three kinds exist:
 
 * ``start``  -- step 0: the initial trainable-state digest and the step-0 anchor digest;
-* ``step``   -- one optimizer step: micro-batch digests per rank, loss, lr, grad norm,
+* ``step``   -- one optimizer step: one digest over every rank's micro-batches, loss, lr, grad norm,
   state digest after the step, whether a checkpoint was written, the anchor digest if any;
 * ``resume`` -- recording continued after a crash from the committed ``step``.
 
@@ -30,11 +31,9 @@ from . import digest as D
 from .errors import CommitmentError, TraceFormatError
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-_MAX_RANKS = 4096
-_MAX_MICRO = 65536
 _KEYS = {
     "start": {"kind", "step", "state", "anchor"},
-    "step": {"kind", "step", "batches", "num_items", "loss", "lr", "grad_norm", "state", "checkpoint", "anchor"},
+    "step": {"kind", "step", "data", "num_items", "loss", "lr", "grad_norm", "state", "checkpoint", "anchor"},
     "resume": {"kind", "step", "reason"},
     "call": {"kind", "call", "rows", "config", "weights", "seed", "tensors"},
 }  # fmt: skip
@@ -45,7 +44,10 @@ _WEIGHT_KEYS = {"params", "model", "adapter"}
 
 @dataclass(frozen=True)
 class ChainEntry:
-    """One line of ``chain.jsonl``: record number ``index`` (1-based), its leaf and chain hash."""
+    """One line of ``chain.jsonl``: record number ``index`` (1-based), its leaf and chain hash.
+
+    The line holds ``i``, ``record`` and ``chain``; the leaf is derived from the record, so
+    storing it would only add bytes (about 75 per step)."""
 
     index: int
     record: Mapping[str, Any]
@@ -53,7 +55,7 @@ class ChainEntry:
     chain: bytes
 
     def to_json(self) -> dict[str, Any]:
-        return {"i": self.index, "record": dict(self.record), "leaf": self.leaf.hex(), "chain": self.chain.hex()}
+        return {"i": self.index, "record": dict(self.record), "chain": self.chain.hex()}
 
     def line(self) -> bytes:
         """The entry as one line of a chain file: canonical JSON and a newline."""
@@ -77,11 +79,12 @@ def step_record(
     checkpoint: bool,
     anchor: bytes | None,
 ) -> dict[str, Any]:
-    """The record of one optimizer step; ``batches[rank][micro]`` are batch digests."""
+    """The record of one optimizer step; ``batches[rank][micro]`` are batch digests, committed as one
+    :func:`~aftune_hf.digest.step_data_digest`."""
     return {
         "kind": "step",
         "step": step,
-        "batches": [[b.hex() for b in rank] for rank in batches],
+        "data": D.step_data_digest(batches).hex(),
         "num_items": num_items,
         "loss": D.encode_float(loss),
         "lr": D.encode_float(lr),
@@ -150,14 +153,7 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
             raise _bad("resume reason", step)
     else:
         _int(step, "step", step, lo=1)
-        b = rec["batches"]
-        if not isinstance(b, list) or not 1 <= len(b) <= _MAX_RANKS:
-            raise _bad("batches must list ranks", step)
-        for rank in b:
-            if not isinstance(rank, list) or not 1 <= len(rank) <= _MAX_MICRO:
-                raise _bad("each rank needs 1+ micro-batch digests", step)
-            for h in rank:
-                check_hex(h, "batch digest", step)
+        check_hex(rec["data"], "data digest", step)
         if rec["num_items"] is not None:
             _int(rec["num_items"], "num_items", step)
         _float(rec["loss"], "loss", step)

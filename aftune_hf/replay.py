@@ -76,10 +76,17 @@ class ReplayObserver(StepObserver):
 
 
 def build_recipe(contract: Contract, output_dir: Path) -> Recipe:
-    """The client's recipe, with the Trainer kept quiet and from saving anything."""
-    return load_recipe(contract)(
-        contract, str(output_dir), save_strategy="no", disable_tqdm=True, logging_strategy="no", report_to="none"
-    )
+    """The client's recipe, with the Trainer kept quiet and from saving anything. A multi-process
+    contract is built as its one-process equivalent (:meth:`Contract.single_process`)."""
+    one = contract.single_process()
+    return load_recipe(one)(one, str(output_dir), save_strategy="no", disable_tqdm=True, logging_strategy="no",
+                            report_to="none")  # fmt: skip
+
+
+def by_rank(batches: list[bytes], world_size: int) -> list[list[bytes]]:
+    """A one-process step's micro-batches regrouped as the ranks of a ``world_size``-process run saw
+    them: rank ``r`` had micro-batches ``r, r + W, r + 2W, ...`` (accelerate shards batches round-robin)."""
+    return [batches[r::world_size] for r in range(world_size)]
 
 
 def initial_state(contract: Contract, workdir: Path) -> tuple[bytes, dict[str, tuple[str, tuple[int, ...]]]]:
@@ -158,8 +165,8 @@ class _quiet:
         transformers.logging.set_verbosity(self._level)
 
 
-def iter_data_steps(contract: Contract, workdir: Path) -> Iterator[tuple[int, list[bytes], int | None]]:
-    """Yield ``(step, micro-batch digests, num_items)`` for every step, from the data pipeline only.
+def iter_data_steps(contract: Contract, workdir: Path) -> Iterator[tuple[int, list[list[bytes]], int | None]]:
+    """Yield ``(step, micro-batch digests per rank, num_items)`` for every step, from the data pipeline only.
 
     Uses the Trainer's own dataloader, epoch seeding and ``get_batch_samples`` grouping
     (gradient accumulation, short last step of an epoch) -- no model forward pass.
@@ -183,7 +190,8 @@ def iter_data_steps(contract: Contract, workdir: Path) -> Iterator[tuple[int, li
             n = ga if update != per_epoch - 1 else remainder
             batches, num_items = trainer.get_batch_samples(iterator, n, trainer.args.device)
             step += 1
-            yield step, [D.batch_digest(b) for b in batches], None if num_items is None else int(num_items)
+            digests = by_rank([D.batch_digest(b) for b in batches], contract.training.world_size)
+            yield step, digests, None if num_items is None else int(num_items)
 
 
 def sanitized_env() -> dict[str, str]:

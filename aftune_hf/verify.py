@@ -25,8 +25,8 @@ import torch
 
 from . import digest as D
 from .contract import Contract, load_contract
-from .errors import AftuneError, ManifestMismatchError, ProviderFault
-from .replay import initial_state, iter_data_steps, replay_window
+from .errors import AftuneError, ManifestMismatchError, ProviderFault, VerifierEnvironmentError
+from .replay import by_rank, initial_state, iter_data_steps, replay_window
 from .report import ERROR, FAIL, PASS, DataCheck, Detection, Failure, StepCheck, VerificationReport, WindowResult
 from .safeio import parse_safetensors, read_regular_file
 from .trace import Integrity, TraceReader
@@ -165,7 +165,7 @@ def check_window(
         f, s = r.fields, r.fields["step"]
         rec = steps[s]
         problems = []
-        if [b.hex() for b in f["batches"][0]] != [b for rank in rec["batches"] for b in rank]:
+        if D.step_data_digest(by_rank(f["batches"][0], contract.training.world_size)).hex() != rec["data"]:
             problems.append("micro-batches differ")
         if f["num_items"] != rec["num_items"]:
             problems.append("num_items differs")
@@ -258,6 +258,10 @@ def verify_trace(
                 data = _data_check(c, integrity, work, failures)
             results = []
             todo = [i for i in challenge.chosen if only_windows is None or i in only_windows]
+            if todo and c.training.world_size > 1 and c.audit.mode == "exact":
+                raise VerifierEnvironmentError(
+                    "unsupported", f"exact replay of a {c.training.world_size}-process trace needs that many processes, "
+                    "which is not built yet; use audit.mode: tolerance (one process replays every rank's micro-batches)")  # fmt: skip
             from tqdm.auto import tqdm
 
             for n, i in enumerate(tqdm(todo, desc="replaying windows", unit="window", disable=not progress), 1):
@@ -294,8 +298,7 @@ def _data_check(c: Contract, integrity: Integrity, work: Path, failures: list[Fa
     for s, batches, num_items in iter_data_steps(c, work):
         rec = steps.get(s)
         checked += 1
-        flat = [b for rank in rec["batches"] for b in rank] if rec else None
-        if flat != [b.hex() for b in batches] or rec["num_items"] != num_items:
+        if rec is None or D.step_data_digest(batches).hex() != rec["data"] or rec["num_items"] != num_items:
             bad.append(s)
             failures.append(Failure("data", "data_mismatch", "micro-batches differ from the contract's data pipeline", s))
     if checked != integrity.num_steps:

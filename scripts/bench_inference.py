@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchkit import bench_model, emit
+
 from aftune_hf.generate import wrap_generate
-from aftune_hf.recipes.causal_lm import make_base_model
 from aftune_hf.recipes.tokenizer import byte_tokenizer
 from aftune_hf.trace.inference import InferenceLogReader
 from aftune_hf.verify_inference import check_call
@@ -35,11 +36,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="also write the headline figures here")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-inference-"))
-    make_base_model(work / "base", hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
-                    num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    bench_model(work, a.hidden, a.layers)
     plain_model = transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval()
     wrapped = wrap_generate(transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval(), work / "log")
     tok = byte_tokenizer(padding_side="left")
@@ -47,6 +48,7 @@ def main() -> int:
     # no EOS: every row generates exactly new_tokens
     settings = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, temperature=0.8, top_p=0.95)}
     gen_times: dict[str, list[float]] = {}
+    ratios: dict[str, float] = {}
     for name, kw in settings.items():
         plain, rec = [], []
         for _ in range(a.repeats):
@@ -55,6 +57,7 @@ def main() -> int:
                 model.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **kw)
                 bucket.append(time.perf_counter() - t)
         gen_times[name] = rec
+        ratios[name] = statistics.median(rec) / statistics.median(plain)
         print(f"{name:8} generate of {a.batch}x{a.new_tokens} tokens: plain {statistics.median(plain):.3f} s, "
               f"recorded {statistics.median(rec):.3f} s, ratio {statistics.median(rec) / statistics.median(plain):.3f}")  # fmt: skip
     wrapped.aftune_log.publish()
@@ -80,6 +83,8 @@ def main() -> int:
           f"{g:.3f} s = {g / v:.1f}x faster (teacher-forced pass + token checks)")  # fmt: skip
     print(f"model: hidden {a.hidden}, {a.layers} layers, {sum(p.numel() for p in plain_model.parameters()) / 1e6:.1f} M "
           f"parameters; torch threads {torch.get_num_threads()}")  # fmt: skip
+    emit(a.json, {"inference": {"record_ratio_greedy": ratios["greedy"], "record_ratio_sampled": ratios["sampled"],
+                                "bytes_per_32_tokens": act / tokens * 32, "verify_speedup": g / v, "batch": a.batch}})  # fmt: skip
     return 0
 
 

@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 import transformers
-import yaml
+from benchkit import bench_contract, bench_model, emit
 
 from aftune_hf import AuditCallback
-from aftune_hf.artifacts import dataset_digest
 from aftune_hf.contract import load_contract
-from aftune_hf.recipes.causal_lm import DEFAULT_DATASET, build, make_base_model
-
-REPO = Path(__file__).resolve().parents[1]
+from aftune_hf.recipes.causal_lm import build
+from aftune_hf.trace import CHAIN
 
 
 class StepTimer(transformers.TrainerCallback):
@@ -75,6 +73,7 @@ class OnThread:
 
 
 def run(contract_path: Path, work: Path, audited: bool, skip: int) -> list[float]:
+    """Step times of one run; an audited run leaves its trace in ``work / "trace"``."""
     contract = load_contract(contract_path)
     parts = build(contract, str(work / "out"), disable_tqdm=True, logging_steps=1000)
     timer = StepTimer()
@@ -94,22 +93,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
+    ap.add_argument("--json", help="also write the headline figures here")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     OnThread.install()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-"))
-    base = work / "base"
-    digest = make_base_model(base, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
-                             num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    base, digest = bench_model(work, a.hidden, a.layers)
+    results = {}
     for kind in ("tiny-lora", "tiny-full"):
-        data = yaml.safe_load((REPO / "configs" / f"{kind}.yaml").read_text())
-        data["base_model"] = {"path": str(base), "digest": digest}
-        data["dataset"] = {"path": str(DEFAULT_DATASET), "digest": dataset_digest(DEFAULT_DATASET).hex()}
-        data["training"]["max_steps"] = a.steps
-        if kind == "tiny-full":
-            data["audit"].update(anchor_every=8, checkpoint_every=4)
-        path = work / f"{kind}.yaml"
-        path.write_text(yaml.safe_dump(data))
+        audit = {"anchor_every": 8, "checkpoint_every": 4} if kind == "tiny-full" else {}
+        path = bench_contract(work, kind, base, digest, steps=a.steps, **audit)
+        contract = load_contract(path)
         plain, audited, on_thread = [], [], []
         for _ in range(a.rounds):  # interleaved, so drift hits both sides alike
             plain += run(path, work, False, a.skip)
@@ -119,12 +113,17 @@ def main() -> int:
         mp, ma = statistics.median(plain), statistics.median(audited)
         mean_p, mean_a = statistics.mean(plain), statistics.mean(audited)
         med_t, mean_t = statistics.median(on_thread), statistics.mean(on_thread)
+        chain_bytes = (work / "trace" / CHAIN).stat().st_size / a.steps  # start record included: conservative
+        results[kind] = {"median_ratio": ma / mp, "mean_ratio": mean_a / mean_p, "step_s": mp,
+                         "on_thread_ms": 1000 * med_t, "chain_bytes_per_step": chain_bytes}  # fmt: skip
         print(f"{kind}: median step plain {mp:.3f} s, audited {ma:.3f} s, ratio {ma / mp:.3f}; "
               f"mean ratio {mean_a / mean_p:.3f}; on the training thread per step: median {1000 * med_t:.1f} ms "
               f"({med_t / mp:.1%}), mean {1000 * mean_t:.1f} ms ({mean_t / mp:.1%}); "
-              f"n={len(plain)}+{len(audited)} steps; audit {data['audit']}", flush=True)  # fmt: skip
+              f"n={len(plain)}+{len(audited)} steps; commitments {chain_bytes:.0f} bytes/step; "
+              f"audit {contract.audit}", flush=True)  # fmt: skip
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"model: hidden {a.hidden}, {a.layers} layers, {params / 1e6:.1f} M parameters")
+    emit(a.json, {"record": results, "params_m": params / 1e6})
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -55,8 +55,9 @@ def test_records_every_step_of_a_real_run(write_contract, tmp_path, template):
     assert integrity.num_steps == 6 and integrity.trace_root.hex() == cb.root["trace_root"]
     steps = integrity.steps()
     # micro-batches: the hook saw exactly what training_step received, GA=2 per step
-    recorded = [(s, h) for s in range(1, 7) for h in steps[s]["batches"][0]]
-    assert recorded == trainer.seen and all(len(steps[s]["batches"][0]) == 2 for s in range(1, 7))
+    seen = {s: [bytes.fromhex(h) for t, h in trainer.seen if t == s] for s in range(1, 7)}
+    assert len(trainer.seen) == 12 and all(len(b) == 2 for b in seen.values())
+    assert all(steps[s]["data"] == D.step_data_digest([seen[s]]).hex() for s in range(1, 7))
     # anchors at 0, 4 and the final step; checkpoints per policy; states recompute
     assert [s for s, r in steps.items() if r["anchor"]] == [0, 4, 6]
     every = contract.audit.checkpoint_every
@@ -218,7 +219,7 @@ def test_works_unchanged_with_trl_sft_trainer(write_contract, tmp_path):
     trainer.train()
     integrity = TraceReader(tmp_path / "t").check_integrity()
     assert integrity.num_steps == 3
-    assert all(len(r["batches"][0]) == 2 for s, r in integrity.steps().items() if s > 0)
+    assert len({r["data"] for s, r in integrity.steps().items() if s > 0}) == 3  # a data digest per step
 
 
 def test_bf16_autocast_run_is_recorded(write_contract, tmp_path):

@@ -28,7 +28,8 @@ GOLDEN = {
     "records_root3": "ab5f33d49d74722aefcba1d0664c021adc3bae5e578fe8fc945ca174d33f101d",
     "chain_start": "59349d0dadbf7b5d5d722931bd6127e5e31736d63136ec2396464669c2e45e07",
     "chain_next": "357ee0f7de4b083ce34c82e1da5424df889e590f152bddfcb819d8043d9bc40b",
-    "record_leaf": "c32d37745500ac34f3ce4251b867cd7f132b43dc1fee6ce96efd7a6761adbaef",
+    "record_leaf": "7007f232cb597543ce3be90f8d265ae6a605b9d74e9431d877c25ca0fe8577e8",
+    "step_data": "0e700c0f4cad4d9c374671eb10a1580e736f74cdc6b5e61d630135fe4bf5f30e",
     "json": "63834f396374876e847ba007b845a8639bc799e8c343fc42f7f256af1dcbe5c0",
     "trace_root": "232e0b6f8836c0aa8241ecb30cbf0188d1cf376e83d826b4108299a8c1009fe9",
     "seed": "2e476f83e4c5114e1e37b71c96f4179c5f77f8af5de9ccf18da0e9f54c41926f",
@@ -54,6 +55,7 @@ def _computed() -> dict:
     rec = R.step_record(step=3, batches=[[b"\x02" * 32, b"\x03" * 32]], num_items=17, loss=2.5, lr=1e-3,
                         grad_norm=0.75, state=b"\x04" * 32, checkpoint=True, anchor=None)  # fmt: skip
     g["record_leaf"] = D.record_leaf(rec)
+    g["step_data"] = D.step_data_digest([[b"\x02" * 32, b"\x03" * 32], [b"\x05" * 32]])
     g["json"] = D.json_digest({"b": [1, "x", None, True], "a": D.encode_float(0.1)})
     g["trace_root"] = D.trace_root({"num_steps": 3, "chain_head": "00" * 32})
     g["seed"] = D.challenge_seed(b"\x11" * 32, b"client nonce", 1)
@@ -266,3 +268,12 @@ def test_canonical_json_rejects_floats_and_sorts_keys():
         D.canonical_json({"x": 0.5})
     with pytest.raises(ValueError):
         D.canonical_json(2**60)
+
+
+def test_step_data_digest_matches_the_written_spec():
+    """docs/FORMAT.md: H_{step data}(u64(ranks) || per rank: u64(micro-batches) || their batch digests)."""
+    a, b, c = b"\x02" * 32, b"\x03" * 32, b"\x05" * 32
+    h = blake3.blake3(derive_key_context="aftune_hf 2026-11-25 v1 step data")
+    h.update(struct.pack(">Q", 2) + struct.pack(">Q", 2) + a + b + struct.pack(">Q", 1) + c)
+    assert D.step_data_digest([[a, b], [c]]) == h.digest()
+    assert D.step_data_digest([[a], [b, c]]) != D.step_data_digest([[a, b], [c]])  # moving a batch to another rank

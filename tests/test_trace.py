@@ -243,7 +243,7 @@ def test_edited_chain_record_detected(trace):
     obj["record"]["lr"] = D.encode_float(0.5)
     lines[2] = D.canonical_json(obj) + b"\n"
     (trace / CHAIN).write_bytes(b"".join(lines))
-    with pytest.raises(CommitmentError, match="leaf_mismatch"):
+    with pytest.raises(CommitmentError, match="chain_break"):
         TraceReader(trace).check_integrity()
 
 

@@ -292,7 +292,7 @@ def test_html_report_in_headless_chromium(tolerance_setup, tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]  # `aftune report` exits with the report's verdict code
     for name, verdict in (("pass", "PASS"), ("fail", "FAIL")):
         dom = render_in_chromium(tmp_path / f"{name}.html", tmp_path / f"{name}.png")
-        assert f'id="verdict" style="background:#' in dom and f">{verdict}</h1>" in dom
+        assert 'id="verdict" style="background:#' in dom and f">{verdict}</h1>" in dom
         for plot in ("distance-plot", "loss-plot", "lr-plot"):  # each holds an SVG with a drawn line
             block = dom.split(f'id="{plot}"', 1)[1].split("</div>", 1)[0]
             assert "<svg" in block and 'class="series"' in block and "points=" in block, plot

@@ -105,14 +105,32 @@ class Anchor:
     def optimizer_state_dict(self) -> dict[str, Any]:
         return decode_optimizer(self.optimizer, self.meta.get("optimizer"), path=anchor_path(self.step, "meta"))
 
-    def rng_state(self) -> dict[str, Any]:
-        return decode_rng(self.rng, self.meta.get("rng"), path=anchor_path(self.step, "meta"))
+    def rng_state(self, rank: int = 0) -> dict[str, Any]:
+        """The RNG state of process ``rank``. A multi-process run stores one meta per rank (a list)
+        and prefixes rank ``r``'s tensors with ``rank{r}.``."""
+        meta, path = self.meta.get("rng"), anchor_path(self.step, "meta")
+        if not isinstance(meta, list):
+            return decode_rng(self.rng, meta, path=path) if rank == 0 else _no_rank(rank, path)
+        if not 0 <= rank < len(meta):
+            _no_rank(rank, path)
+        prefix = f"rank{rank}."
+        return decode_rng({k[len(prefix):]: v for k, v in self.rng.items() if k.startswith(prefix)}, meta[rank], path=path)
+
+    @property
+    def world_size(self) -> int:
+        """How many processes' RNG states the anchor holds."""
+        meta = self.meta.get("rng")
+        return len(meta) if isinstance(meta, list) else 1
 
     def scheduler_state(self) -> Any:
         return from_json_value(self.meta.get("scheduler"), path=anchor_path(self.step, "meta"))
 
     def trainer_state(self) -> Any:
         return from_json_value(self.meta.get("trainer_state"), path=anchor_path(self.step, "meta"))
+
+
+def _no_rank(rank: int, path: str) -> Any:
+    raise TraceFormatError("state_invalid", f"the anchor holds no RNG state for rank {rank}", path=path)
 
 
 ANCHOR_META_KEYS = {"step", "optimizer", "scheduler", "rng", "trainer_state"}
@@ -133,16 +151,14 @@ def expected_files(entries: list[R.ChainEntry]) -> set[str]:
 
 
 def parse_chain_line(line: bytes, index: int, prev: bytes, path: str = CHAIN) -> R.ChainEntry:
-    """Parse and re-commit one chain line; its leaf and chain hash must recompute."""
+    """Parse and re-commit one chain line; its chain hash must recompute."""
     obj = loads_json_strict(line, path=path)
-    if not isinstance(obj, dict) or set(obj) != {"i", "record", "leaf", "chain"}:
+    if not isinstance(obj, dict) or set(obj) != {"i", "record", "chain"}:
         raise TraceFormatError("chain_invalid", f"line {index}: keys", path=path)
     if obj["i"] != index or type(obj["i"]) is not int:
         raise CommitmentError("chain_order", f"line {index} says i={obj['i']!r}", path=path)
     entry = R.link(prev, index, obj["record"])
     step = entry.record.get("step", entry.record.get("call"))
-    if obj["leaf"] != entry.leaf.hex():
-        raise CommitmentError("leaf_mismatch", f"record {index}", path=path, step=step)
     if obj["chain"] != entry.chain.hex():
         raise CommitmentError("chain_break", f"record {index}", path=path, step=step)
     if line != D.canonical_json(obj):

@@ -1,0 +1,85 @@
+"""Recording a DDP run: two real CPU processes under `accelerate launch` (gloo), one writer.
+
+Each rank's micro-batch digests go into the step's data digest (gathered to the main process,
+which alone writes); anchors hold every rank's RNG state; a failure on one rank stops both. A
+one-process verifier in tolerance mode replays every rank's micro-batches and PASSes the honest
+trace and FAILs one where a rank trained on a replaced batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from aftune_hf.trace import ROOT, TraceReader
+from aftune_hf.verify import verify_trace
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "ddp_record.py")]  # fmt: skip
+STEPS = 5  # 2 ranks x GA 2 x batch 4 = 16 rows a step: all inside the first epoch of 99 rows
+
+
+@pytest.fixture
+def ddp_contract(write_contract):
+    return write_contract(
+        training={"max_steps": STEPS, "world_size": 2},
+        recipe_args={"dropout": 0.0},  # one process cannot redraw two ranks' dropout masks
+        peft={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        audit={"anchor_every": 2, "checkpoint_every": 1, "mode": "tolerance", "tolerance": 1e-4, "windows": 3},
+    )
+
+
+def _record(contract, trace, *extra):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*LAUNCH, str(contract), str(trace), *map(str, extra)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=trace.parent)  # fmt: skip
+
+
+def test_ddp_recording_verifies_and_a_replaced_rank_batch_fails(ddp_contract, tmp_path):
+    honest = tmp_path / "honest" / "trace"
+    honest.parent.mkdir()
+    p = _record(ddp_contract, honest)
+    assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stdout + p.stderr[-3000:]
+    reader = TraceReader(honest)
+    assert reader.check_integrity().num_steps == STEPS
+    anchor = reader.anchor(2, reader.schema())
+    assert anchor.world_size == 2 and set(anchor.rng_state(1)) == set(anchor.rng_state(0))  # every rank's RNG
+    report = verify_trace(honest, ddp_contract, nonce="d1")
+    assert report.verdict == "PASS", report.summary()
+    assert report.data_check.steps_checked == STEPS and len(report.windows) == 3
+    distances = [s.distance for w in report.windows for s in w.steps]
+    assert len(distances) == STEPS and max(distances) <= 1e-4  # float order differs, the update does not
+
+    poisoned = tmp_path / "poisoned" / "trace"
+    poisoned.parent.mkdir()
+    p = _record(ddp_contract, poisoned, "--poison-rank", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = verify_trace(poisoned, ddp_contract, nonce="d1")
+    assert report.verdict == "FAIL", report.summary()
+    assert report.data_check.mismatched_steps == (2,)
+    assert any(f.check == "replay" and f.step == 2 for f in report.failures), report.summary()
+
+
+def test_failure_on_one_rank_stops_every_rank(ddp_contract, tmp_path):
+    trace = tmp_path / "trace"
+    p = _record(ddp_contract, trace, "--fail-rank", "1")
+    assert p.returncode != 0
+    assert "rank 1 stopped: write_failed" in p.stdout and "rank 0 stopped: rank_failed" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert not (trace / ROOT).exists()  # left open for a resume, never sealed
+    assert TraceReader(trace).entries()[-1].record["step"] == 1  # nothing of step 2 was committed
+
+
+def test_world_size_is_part_of_the_contract(write_contract, tmp_path):
+    """A run with another number of processes than the contract's is refused before step 1."""
+    contract = write_contract(training={"max_steps": 2, "world_size": 1})
+    trace = tmp_path / "trace"
+    p = _record(contract, trace)
+    assert p.returncode != 0 and "training.world_size: contract=1, live=2" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert "rank 0 stopped: contract_mismatch" in p.stdout and "rank 1 stopped: contract_mismatch" in p.stdout
