@@ -4,7 +4,9 @@ Per optimizer step it commits the digests of the exact micro-batches fed to the 
 (captured by a forward pre-hook), the loss, the learning rate applied, the gradient norm and
 the digest of the trainable state after the step; it writes checkpoints of the trainable
 tensors and anchors of the full resumable state (safetensors + JSON, never pickle) from a
-background thread with a bounded queue. Any failure stops training (fail closed).
+background thread with a bounded queue. Any failure stops training (fail closed). Under
+``accelerate launch`` (DDP) every rank captures its micro-batches and the main process alone
+writes; one all-gather per step carries them, and a failure on any rank stops every rank.
 
 Example:
     >>> from transformers import Trainer
@@ -17,12 +19,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import queue
-import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +34,9 @@ from . import digest as D
 from . import records as R
 from .card import render_card
 from .contract import Contract, load_contract
-from .dist import all_gather_bytes
+from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
-from .live import contract_differences, make_anchor, rng_states, trainable_params, unwrap
-from .statecodec import encode_rng
+from .live import contract_differences, make_anchor, trainable_params, unwrap
 from .trace import Anchor, TraceWriter, schema_of
 
 logger = logging.getLogger(__name__)
@@ -240,7 +238,7 @@ class AuditCallback(StepObserver):
                 raise ContractViolationError(
                     "contract_mismatch", "refusing to record; the run differs from the contract:\n  " + "\n  ".join(diffs)
                 )
-            rng = self._rank_rng()
+            rng = rank_rng_bytes(self.world)
         except BaseException as e:
             self._sync(error=e)
             raise
@@ -267,45 +265,13 @@ class AuditCallback(StepObserver):
             self.writer = self._resume_writer(state.global_step, params)
         else:
             self.writer = self._fresh_writer(params)
-            anchor = self._with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
+            anchor = anchor_with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
             a0 = self.writer.write_anchor(anchor)
             self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
         self._bg = _BackgroundWriter(self.queue_size)
 
-    # -- multi-process ----------------------------------------------------------------------------
-
     def _sync(self, payload: bytes = b"", error: BaseException | None = None) -> list[bytes]:
-        """All-gather ``payload`` with this rank's status; if any rank failed, every rank raises."""
-        if self.world == 1:
-            return [payload]
-        parts = all_gather_bytes((b"\x01" if error else b"\x00") + payload, self._device)
-        failed = [r for r, p in enumerate(parts) if p[:1] != b"\x00"]
-        if error is None and failed:
-            raise RecorderError("rank_failed", f"recording failed on rank {failed[0]}; every rank stops")
-        return [p[1:] for p in parts]
-
-    def _rank_rng(self) -> bytes:
-        """This process's RNG state as bytes (safetensors + JSON), for the main process's anchor."""
-        if self.world == 1:
-            return b""
-        from safetensors.torch import save
-
-        tensors, meta = encode_rng(rng_states())
-        blob = json.dumps(meta, sort_keys=True).encode()
-        return struct.pack("<Q", len(blob)) + blob + save(tensors)
-
-    def _with_ranks(self, anchor: Anchor, rngs: list[bytes]) -> Anchor:
-        """The anchor with every rank's RNG state: meta ``rng`` a list per rank, tensors ``rank{r}.*``."""
-        if self.world == 1:
-            return anchor
-        from safetensors.torch import load
-
-        tensors, metas = {}, []
-        for r, blob in enumerate(rngs):
-            (n,) = struct.unpack("<Q", blob[:8])
-            metas.append(json.loads(blob[8 : 8 + n]))
-            tensors.update({f"rank{r}.{k}": v for k, v in load(blob[8 + n :]).items()})
-        return dataclasses.replace(anchor, rng=tensors, meta={**anchor.meta, "rng": metas})
+        return sync_ranks(payload, error, world=self.world, device=self._device)
 
     def _fresh_writer(self, params: dict[str, torch.Tensor]) -> TraceWriter:
         if self.trace_dir.exists() and any(self.trace_dir.iterdir()):
@@ -352,22 +318,19 @@ class AuditCallback(StepObserver):
         try:
             self._check_bg()
             fields, params = self.observe(state, model, state_digest=False)
-            mine = struct.pack("<d", fields["loss"]) + b"".join(fields["batches"][0])
-            rng = self._rank_rng() if anchored else b""
+            mine = pack_step(fields) + (rank_rng_bytes(self.world) if anchored else b"")
         except BaseException as e:
             self._sync(error=e)
             raise
-        parts = self._sync(struct.pack("<Q", len(mine)) + mine + rng)
+        parts = self._sync(mine)
         if self.rank != 0:
             return
+        rngs: list[bytes] = []
         if self.world > 1:  # every rank's micro-batches, rank order; the loss summed over ranks
-            mine = [p[8 : 8 + struct.unpack("<Q", p[:8])[0]] for p in parts]
-            fields["batches"] = [[m[i : i + 32] for i in range(8, len(m), 32)] for m in mine]
-            fields["loss"] = math.fsum(struct.unpack("<d", m[:8])[0] for m in mine)
+            fields, rngs = merge_steps(fields, parts)
         anchor = None
         if anchored:
-            anchor = make_anchor(step, model, optimizer, lr_scheduler, state, copy=False)
-            anchor = self._with_ranks(anchor, [p[8 + struct.unpack("<Q", p[:8])[0] :] for p in parts])
+            anchor = anchor_with_ranks(make_anchor(step, model, optimizer, lr_scheduler, state, copy=False), rngs)
         checkpoint = step % audit.checkpoint_every == 0 or last
         self._reads_done.clear()
         self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor))

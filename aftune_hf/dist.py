@@ -1,4 +1,6 @@
-"""The few collectives a multi-process recording needs, on torch.distributed (the group accelerate set up).
+"""What the processes of a multi-process (DDP) run exchange, on torch.distributed (the group
+accelerate set up): one all-gather per step of each rank's status, loss and micro-batch digests,
+plus its RNG state at anchor steps.
 
 Only tensors cross processes (no pickled objects): bytes are sent as uint8 tensors, padded to the
 longest, after an all-gather of their lengths. On NCCL the tensors live on the process's device.
@@ -10,9 +12,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import struct
 from typing import Any
 
 import torch
+
+from .errors import RecorderError
+from .trace import Anchor
 
 
 def world() -> tuple[int, int]:
@@ -43,4 +52,64 @@ def all_gather_bytes(payload: bytes, device: Any = "cpu") -> list[bytes]:
     return [bytes(p[: int(k)].cpu().numpy().tobytes()) for p, k in zip(parts, lengths)]
 
 
-__all__ = ["all_gather_bytes", "world"]
+def sync_ranks(payload: bytes, error: BaseException | None, *, world: int, device: Any) -> list[bytes]:
+    """All-gather ``payload`` with this rank's status; if any rank failed, every rank raises
+    (the failing one its own error, after this call)."""
+    if world == 1:
+        return [payload]
+    parts = all_gather_bytes((b"\x01" if error else b"\x00") + payload, device)
+    failed = [r for r, p in enumerate(parts) if p[:1] != b"\x00"]
+    if error is None and failed:
+        raise RecorderError("rank_failed", f"recording failed on rank {failed[0]}; every rank stops")
+    return [p[1:] for p in parts]
+
+
+def pack_step(fields: dict[str, Any]) -> bytes:
+    """This rank's share of a step for the all-gather: ``u64(n) || f64 loss || micro-batch digests``."""
+    mine = struct.pack("<d", fields["loss"]) + b"".join(fields["batches"][0])
+    return struct.pack("<Q", len(mine)) + mine
+
+
+def merge_steps(fields: dict[str, Any], parts: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    """Every rank's micro-batches (rank order) and the loss summed over ranks, from the gathered
+    :func:`pack_step` parts; also returns what each part carried after its step share."""
+    shares, rest = [], []
+    for p in parts:
+        (n,) = struct.unpack("<Q", p[:8])
+        shares.append(p[8 : 8 + n])
+        rest.append(p[8 + n :])
+    batches = [[m[i : i + 32] for i in range(8, len(m), 32)] for m in shares]
+    loss = math.fsum(struct.unpack("<d", m[:8])[0] for m in shares)
+    return {**fields, "batches": batches, "loss": loss}, rest
+
+
+def rank_rng_bytes(world: int) -> bytes:
+    """This process's RNG state as bytes (JSON meta + safetensors), for the main process's anchor."""
+    if world == 1:
+        return b""
+    from safetensors.torch import save
+
+    from .live import rng_states
+    from .statecodec import encode_rng
+
+    tensors, meta = encode_rng(rng_states())
+    blob = json.dumps(meta, sort_keys=True).encode()
+    return struct.pack("<Q", len(blob)) + blob + save(tensors)
+
+
+def anchor_with_ranks(anchor: Anchor, rngs: list[bytes]) -> Anchor:
+    """The anchor with every rank's RNG state (meta ``rng`` a list per rank, tensors ``rank{r}.*``);
+    unchanged for one process."""
+    if len(rngs) <= 1:
+        return anchor
+    from safetensors.torch import load
+
+    tensors, metas = {}, []
+    for r, blob in enumerate(rngs):
+        (n,) = struct.unpack("<Q", blob[:8])
+        metas.append(json.loads(blob[8 : 8 + n]))
+        tensors.update({f"rank{r}.{k}": v for k, v in load(blob[8 + n :]).items()})
+    return dataclasses.replace(anchor, rng=tensors, meta={**anchor.meta, "rng": metas})
+
+
+__all__ = ["all_gather_bytes", "anchor_with_ranks", "merge_steps", "pack_step", "rank_rng_bytes", "sync_ranks", "world"]

@@ -30,6 +30,7 @@ import torch
 from . import digest as D
 from .callback import StepObserver
 from .contract import Contract, Recipe, load_recipe
+from .dist import all_gather_bytes, merge_steps, pack_step
 from .errors import ReplayMismatchError
 from .live import snapshot, trainable_params, unwrap
 from .statecodec import optimizer_param_names
@@ -48,10 +49,11 @@ class ReplayedStep:
 class ReplayObserver(StepObserver):
     """Observe steps ``start+1 .. end``, then stop the Trainer."""
 
-    def __init__(self, end: int, keep_params: bool) -> None:
+    def __init__(self, end: int, keep_params: bool, gather: bool = False) -> None:
         super().__init__()
         self.end = end
         self.keep_params = keep_params
+        self.gather = gather  # a multi-process replay: merge every rank's share as the recorder did
         self.steps: list[ReplayedStep] = []
         self.initial_state: bytes | None = None
         self._t0 = 0.0
@@ -66,6 +68,8 @@ class ReplayObserver(StepObserver):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         fields, params = self.observe(state, model)
+        if self.gather:
+            fields, _ = merge_steps(fields, all_gather_bytes(pack_step(fields), args.device))
         seconds = time.perf_counter() - self._t0
         self.steps.append(ReplayedStep(fields, snapshot(params) if self.keep_params else None, seconds))
         if state.global_step >= self.end:
@@ -75,12 +79,14 @@ class ReplayObserver(StepObserver):
         self.capture.remove()
 
 
-def build_recipe(contract: Contract, output_dir: Path) -> Recipe:
+def build_recipe(contract: Contract, output_dir: Path, *, distributed: bool = False) -> Recipe:
     """The client's recipe, with the Trainer kept quiet and from saving anything. A multi-process
-    contract is built as its one-process equivalent (:meth:`Contract.single_process`)."""
-    one = contract.single_process()
-    return load_recipe(one)(one, str(output_dir), save_strategy="no", disable_tqdm=True, logging_strategy="no",
-                            report_to="none")  # fmt: skip
+    contract is built as its one-process equivalent (:meth:`Contract.single_process`) unless
+    ``distributed`` (this process is one of ``world_size`` launched to replay it as recorded)."""
+    c = contract if distributed else contract.single_process()
+    extra = {"use_cpu": True} if distributed and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") else {}
+    return load_recipe(c)(c, str(output_dir), save_strategy="no", disable_tqdm=True, logging_strategy="no",
+                          report_to="none", **extra)  # fmt: skip
 
 
 def by_rank(batches: list[bytes], world_size: int) -> list[list[bytes]]:
@@ -113,7 +119,11 @@ def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
         raise ReplayMismatchError("optimizer_mismatch", "anchor optimizer groups differ from the recipe's", step=anchor.step)
     torch.save(anchor.optimizer_state_dict(), ckpt / "optimizer.pt")
     torch.save(anchor.scheduler_state(), ckpt / "scheduler.pt")
-    torch.save(anchor.rng_state(), ckpt / "rng_state.pth")
+    if anchor.world_size == 1:
+        torch.save(anchor.rng_state(), ckpt / "rng_state.pth")
+    else:  # what the Trainer saves and loads per process
+        for rank in range(anchor.world_size):
+            torch.save(anchor.rng_state(rank), ckpt / f"rng_state_{rank}.pth")
     (ckpt / "trainer_state.json").write_text(json.dumps(anchor.trainer_state()), encoding="utf-8")
 
 
@@ -125,16 +135,19 @@ def replay_window(
     workdir: Path,
     *,
     keep_params: bool = False,
+    distributed: bool = False,
 ) -> tuple[bytes, list[ReplayedStep]]:
     """Re-execute steps ``start+1 .. end``; return the state digest it started from and the steps.
 
     ``anchor`` is required for ``start > 0``; ``start == 0`` trains from the recipe's initial state.
+    ``distributed``: every process of a ``world_size`` launch calls this together (DDP replay; each
+    gets every rank's micro-batches in its steps' fields); ``workdir`` must differ per process.
     """
     import transformers
 
     workdir.mkdir(parents=True, exist_ok=True)
-    parts = build_recipe(contract, workdir / "out")
-    observer = ReplayObserver(end, keep_params)
+    parts = build_recipe(contract, workdir / "out", distributed=distributed)
+    observer = ReplayObserver(end, keep_params, gather=distributed)
     trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[observer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     resume = None

@@ -25,7 +25,7 @@ import torch
 
 from . import digest as D
 from .contract import Contract, load_contract
-from .errors import AftuneError, ManifestMismatchError, ProviderFault, VerifierEnvironmentError
+from .errors import AftuneError, ManifestMismatchError, ProviderFault, TraceFormatError, VerifierEnvironmentError
 from .replay import by_rank, initial_state, iter_data_steps, replay_window
 from .report import ERROR, FAIL, PASS, DataCheck, Detection, Failure, StepCheck, VerificationReport, WindowResult
 from .safeio import parse_safetensors, read_regular_file
@@ -145,15 +145,23 @@ def _close(a: float, b: float) -> bool:
 
 
 def check_window(
-    contract: Contract, reader: TraceReader, integrity: Integrity, index: int, start: int, end: int, workdir: Path
+    contract: Contract, reader: TraceReader, integrity: Integrity, index: int, start: int, end: int, workdir: Path,
+    *, distributed: bool = False,
 ) -> WindowResult:
+    """Re-execute one window and compare every step with its record (``distributed``: this process is
+    one of the contract's ``world_size`` processes replaying it together, see :func:`replay_window`)."""
     t0 = time.perf_counter()
     steps = integrity.steps()
     schema = reader.schema()
     tolerance = contract.audit.mode == "tolerance"
+    world = contract.training.world_size
     anchor = reader.anchor(start, schema) if start else None
+    if anchor is not None and anchor.world_size != world:
+        raise TraceFormatError("state_invalid", f"the anchor holds {anchor.world_size} processes' RNG state, "
+                               f"the contract has world_size {world}", step=start)  # fmt: skip
     try:
-        init, replayed = replay_window(contract, start, end, anchor, workdir, keep_params=tolerance)
+        init, replayed = replay_window(contract, start, end, anchor, workdir, keep_params=tolerance,
+                                       distributed=distributed)  # fmt: skip
     except (AftuneError, OSError, MemoryError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 - the anchor's content made the Trainer fail: provider fault
@@ -165,7 +173,8 @@ def check_window(
         f, s = r.fields, r.fields["step"]
         rec = steps[s]
         problems = []
-        if D.step_data_digest(by_rank(f["batches"][0], contract.training.world_size)).hex() != rec["data"]:
+        ranks = f["batches"] if len(f["batches"]) == world else by_rank(f["batches"][0], world)
+        if D.step_data_digest(ranks).hex() != rec["data"]:
             problems.append("micro-batches differ")
         if f["num_items"] != rec["num_items"]:
             problems.append("num_items differs")
@@ -256,23 +265,13 @@ def verify_trace(
             if data_check:
                 say(f"data check of all {integrity.num_steps} steps")
                 data = _data_check(c, integrity, work, failures)
-            results = []
             todo = [i for i in challenge.chosen if only_windows is None or i in only_windows]
             if todo and c.training.world_size > 1 and c.audit.mode == "exact":
                 raise VerifierEnvironmentError(
-                    "unsupported", f"exact replay of a {c.training.world_size}-process trace needs that many processes, "
-                    "which is not built yet; use audit.mode: tolerance (one process replays every rank's micro-batches)")  # fmt: skip
-            from tqdm.auto import tqdm
-
-            for n, i in enumerate(tqdm(todo, desc="replaying windows", unit="window", disable=not progress), 1):
-                start, end = challenge.bounds[i]
-                say(f"replaying window {i} (steps {start + 1}-{end}) [{n}/{len(todo)}]")
-                try:
-                    res = check_window(c, reader, integrity, i, start, end, work / f"w{i}")
-                except ProviderFault as e:
-                    res = WindowResult(i, start, end, False, 0.0, (), f"{e.code}: {e.detail}")
-                results.append(res)
-                failures.extend(_window_failures(res))
+                    "unsupported", f"exact replay of a {c.training.world_size}-process trace needs that many "
+                    f"processes: accelerate launch --num_processes {c.training.world_size} scripts/verify.py ...")  # fmt: skip
+            results = check_windows(c, reader, integrity, challenge, todo, work, say=say, progress=progress)
+            failures.extend(f for res in results for f in window_failures(res))
             verdict = PASS if not failures else FAIL
             return VerificationReport(
                 verdict, **base, trace_root=root_hex, seed=challenge.seed.hex(), num_steps=integrity.num_steps,
@@ -284,6 +283,26 @@ def verify_trace(
             failures.append(failure_from("structure", e))
             return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
         return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+
+def check_windows(
+    c: Contract, reader: TraceReader, integrity: Integrity, challenge: Challenge, todo: Sequence[int], work: Path,
+    *, say: Log = lambda _m: None, progress: bool = False, distributed: bool = False,
+) -> list[WindowResult]:
+    """Re-execute the windows ``todo`` (indices into ``challenge.bounds``); a provider fault in one
+    window makes that window fail, the others still run."""
+    from tqdm.auto import tqdm
+
+    results = []
+    for n, i in enumerate(tqdm(todo, desc="replaying windows", unit="window", disable=not progress), 1):
+        start, end = challenge.bounds[i]
+        say(f"replaying window {i} (steps {start + 1}-{end}) [{n}/{len(todo)}]")
+        try:
+            res = check_window(c, reader, integrity, i, start, end, work / f"w{i}", distributed=distributed)
+        except ProviderFault as e:
+            res = WindowResult(i, start, end, False, 0.0, (), f"{e.code}: {e.detail}")
+        results.append(res)
+    return results
 
 
 def failure_from(check: str, e: AftuneError) -> Failure:
@@ -311,11 +330,12 @@ def _curve(integrity: Integrity) -> tuple[tuple[int, float, float], ...]:
     return tuple((s, D.decode_float(r["loss"]), D.decode_float(r["lr"])) for s, r in sorted(integrity.steps().items()) if s)
 
 
-def _window_failures(res: WindowResult) -> list[Failure]:
+def window_failures(res: WindowResult) -> list[Failure]:
+    """The report's failures for one window result."""
     if res.ok:
         return []
     out = [Failure("replay", "replay_mismatch", c.detail, c.step) for c in res.steps if not c.ok]
     return out or [Failure("replay", "replay_failed", res.failure, res.start + 1)]
 
 
-__all__ = ["Challenge", "check_structure", "make_challenge", "verify_trace", "window_bounds"]
+__all__ = ["Challenge", "check_structure", "check_windows", "make_challenge", "verify_trace", "window_bounds", "window_failures"]

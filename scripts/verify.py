@@ -10,6 +10,11 @@
 Every process derives the same windows from (trace root, nonce); each re-executes its share
 in a child process of its own (a replay is a one-process Trainer run and must not join the
 launcher's process group); the main process gathers the shard reports and writes one report.
+
+A trace recorded by ``world_size`` > 1 processes in exact mode is replayed as it was recorded:
+launch exactly ``world_size`` processes; they re-execute every challenged window *together*, as
+DDP, each gathering every rank's micro-batches as the recorder did, while the main process runs
+the structural and data checks in a child process.
 Exit codes as ``aftune verify``: 0 PASS, 1 FAIL, 2 ERROR or usage error.
 """
 
@@ -20,16 +25,18 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from aftune_hf.contract import load_contract
-from aftune_hf.errors import AftuneError
+from aftune_hf.errors import AftuneError, ProviderFault
 from aftune_hf.replay import sanitized_env
-from aftune_hf.report import ERROR, VerificationReport, merge_reports, report_from_json
+from aftune_hf.report import ERROR, FAIL, PASS, VerificationReport, merge_reports, report_from_json
 from aftune_hf.trace import TraceReader
-from aftune_hf.verify import make_challenge
+from aftune_hf.verify import check_windows, make_challenge, window_failures
 
 
 def parse() -> argparse.Namespace:
@@ -82,6 +89,9 @@ def main() -> int:
     nonce = [a.nonce or (os.urandom(16).hex() if state.is_main_process else None)]
     broadcast_object_list(nonce)
     chosen = shard_windows(a.trace, a.contract, nonce[0], a.windows)
+    contract = load_contract(a.contract)
+    if contract.training.world_size > 1 and contract.audit.mode == "exact":
+        return finish(a, state, verify_as_recorded(a, state, nonce[0], chosen or []))
     if chosen is None:  # structural failure: the main process reports it
         mine, data_check = [], state.is_main_process
     else:
@@ -89,8 +99,42 @@ def main() -> int:
             mine = list(part)
         data_check = state.is_main_process
     report = run_shard(a, nonce[0], mine, data_check) if (mine or data_check) else None
+    return finish(a, state, report)
+
+
+def verify_as_recorded(a: argparse.Namespace, state: PartialState, nonce: str, chosen: list[int]) -> VerificationReport | None:
+    """Every process replays every window together as DDP; the main process adds structure and data
+    and returns the report (the others return None, or their ERROR)."""
+    c = load_contract(a.contract)
+    if state.num_processes != c.training.world_size:
+        return VerificationReport(ERROR, c.digest_hex(), c.audit.mode, nonce=nonce, error=(
+            f"the trace was recorded by {c.training.world_size} processes; exact replay needs as many "
+            f"(accelerate launch --num_processes {c.training.world_size}), {state.num_processes} started"))  # fmt: skip
+    windows = []
+    try:
+        if chosen:
+            reader = TraceReader(a.trace)
+            integrity = reader.check_integrity()
+            challenge = make_challenge(c, integrity.trace_root, bytes.fromhex(nonce), a.windows)
+            with tempfile.TemporaryDirectory(prefix=f"aftune-verify-rank{state.process_index}-") as tmp:
+                windows = check_windows(c, reader, integrity, challenge, chosen, Path(tmp), distributed=True,
+                                        progress=state.is_main_process)  # fmt: skip
+    except ProviderFault:
+        windows = []  # the main process's structural check reports it as FAIL
+    except (AftuneError, OSError, MemoryError) as e:
+        return VerificationReport(ERROR, c.digest_hex(), c.audit.mode, nonce=nonce, error=f"{type(e).__name__}: {e}")
+    if not state.is_main_process:
+        return None  # every process replayed the same windows with the same gathered steps
+    failures = tuple(f for w in windows for f in window_failures(w))
+    replayed = VerificationReport(FAIL if failures else PASS, c.digest_hex(), c.audit.mode, nonce=nonce,
+                                  windows=tuple(windows), failures=failures)  # fmt: skip
+    return merge_reports([run_shard(a, nonce, [], data_check=True), replayed])
+
+
+def finish(a: argparse.Namespace, state: PartialState, report: VerificationReport | None) -> int:
+    """Gather the reports, write and print the merged one on the main process; every process exits alike."""
     parts = gather_object([report])  # every process gets every shard: they all exit with the same code
-    merged = merge_reports([r for r in parts if r is not None])
+    merged = merge_reports([r for r in parts if r is not None]) if state.num_processes > 1 else report
     if not state.is_main_process:
         return merged.exit_code
     if a.report:

@@ -1,13 +1,15 @@
-"""Recording a DDP run: two real CPU processes under `accelerate launch` (gloo), one writer.
+"""DDP runs: two real CPU processes under `accelerate launch` (gloo) record, and verify.
 
 Each rank's micro-batch digests go into the step's data digest (gathered to the main process,
-which alone writes); anchors hold every rank's RNG state; a failure on one rank stops both. A
-one-process verifier in tolerance mode replays every rank's micro-batches and PASSes the honest
-trace and FAILs one where a rank trained on a replaced batch.
+which alone writes); anchors hold every rank's RNG state; a failure on one rank stops both.
+Exact mode: two processes replay each window together as DDP (scripts/verify.py). Tolerance
+mode: one process replays every rank's micro-batches. Both PASS an honest trace and FAIL one
+where a rank trained on a replaced batch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +22,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "ddp_record.py")]  # fmt: skip
+          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 STEPS = 5  # 2 ranks x GA 2 x batch 4 = 16 rows a step: all inside the first epoch of 99 rows
 
 
@@ -34,12 +36,21 @@ def ddp_contract(write_contract):
     )
 
 
-def _record(contract, trace, *extra):
+def _launch(script, *args, cwd):
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate CLI not on PATH")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*LAUNCH, str(contract), str(trace), *map(str, extra)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=trace.parent)  # fmt: skip
+    return subprocess.run([*LAUNCH, str(script), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd)  # fmt: skip
+
+
+def _record(contract, trace, *extra):
+    return _launch(REPO / "tests" / "ddp_record.py", contract, trace, *extra, cwd=trace.parent)
+
+
+def _verify_two_processes(trace, contract, report):
+    return _launch(REPO / "scripts" / "verify.py", trace, "--contract", contract, "--nonce", "d2",
+                   "--num-processes", "2", "--report", report, cwd=report.parent)  # fmt: skip
 
 
 def test_ddp_recording_verifies_and_a_replaced_rank_batch_fails(ddp_contract, tmp_path):
@@ -83,3 +94,27 @@ def test_world_size_is_part_of_the_contract(write_contract, tmp_path):
     p = _record(contract, trace)
     assert p.returncode != 0 and "training.world_size: contract=1, live=2" in p.stdout, p.stdout + p.stderr[-3000:]
     assert "rank 0 stopped: contract_mismatch" in p.stdout and "rank 1 stopped: contract_mismatch" in p.stdout
+
+
+def test_exact_mode_replays_with_the_same_world_size(write_contract, tmp_path):
+    """Dropout on: each rank's masks come back from its own RNG state in the anchor."""
+    contract = write_contract(training={"max_steps": 4, "world_size": 2}, audit={"anchor_every": 2, "windows": 2})
+    honest = tmp_path / "honest" / "trace"
+    honest.parent.mkdir()
+    assert _record(contract, honest).returncode == 0
+    p = _verify_two_processes(honest, contract, tmp_path / "honest.json")
+    report = json.loads((tmp_path / "honest.json").read_text())
+    assert p.returncode == 0 and report["verdict"] == "PASS", p.stdout[-3000:] + p.stderr[-3000:]
+    assert [w["index"] for w in report["windows"]] == [0, 1] and report["data_check"]["steps_checked"] == 4
+    assert all(s["state_equal"] for w in report["windows"] for s in w["steps"])  # bit-exact, both ranks
+    one = verify_trace(honest, contract, nonce="d2")  # one process cannot replay DDP bit-exactly: it says so
+    assert one.verdict == "ERROR" and "--num_processes 2" in one.error
+
+    poisoned = tmp_path / "poisoned" / "trace"
+    poisoned.parent.mkdir()
+    assert _record(contract, poisoned, "--poison-rank", "1").returncode == 0
+    p = _verify_two_processes(poisoned, contract, tmp_path / "poisoned.json")
+    report = json.loads((tmp_path / "poisoned.json").read_text())
+    assert p.returncode == 1 and report["verdict"] == "FAIL", p.stdout[-3000:] + p.stderr[-3000:]
+    assert report["data_check"]["mismatched_steps"] == [2]
+    assert any(f["check"] == "replay" and f["step"] == 2 for f in report["failures"])
