@@ -29,9 +29,9 @@ import tempfile
 from pathlib import Path
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
 
 from aftune_hf.contract import load_contract
+from aftune_hf.dist import all_gather_bytes
 from aftune_hf.errors import AftuneError, ProviderFault
 from aftune_hf.replay import sanitized_env
 from aftune_hf.report import ERROR, FAIL, PASS, VerificationReport, merge_reports, report_from_json
@@ -86,19 +86,19 @@ def main() -> int:
               f"(expected {a.num_processes or launched}); see the docstring for a CPU launch that works",
               file=sys.stderr)  # fmt: skip
         return 2
-    nonce = [a.nonce or (os.urandom(16).hex() if state.is_main_process else None)]
-    broadcast_object_list(nonce)
-    chosen = shard_windows(a.trace, a.contract, nonce[0], a.windows)
+    drawn = (a.nonce or os.urandom(16).hex()).encode()
+    nonce = all_gather_bytes(drawn, state.device)[0].decode()  # the main process's nonce, for everyone
+    chosen = shard_windows(a.trace, a.contract, nonce, a.windows)
     contract = load_contract(a.contract)
     if contract.training.world_size > 1 and contract.audit.mode == "exact":
-        return finish(a, state, verify_as_recorded(a, state, nonce[0], chosen or []))
+        return finish(a, state, verify_as_recorded(a, state, nonce, chosen or []))
     if chosen is None:  # structural failure: the main process reports it
         mine, data_check = [], state.is_main_process
     else:
         with state.split_between_processes(chosen) as part:
             mine = list(part)
         data_check = state.is_main_process
-    report = run_shard(a, nonce[0], mine, data_check) if (mine or data_check) else None
+    report = run_shard(a, nonce, mine, data_check) if (mine or data_check) else None
     return finish(a, state, report)
 
 
@@ -133,7 +133,9 @@ def verify_as_recorded(a: argparse.Namespace, state: PartialState, nonce: str, c
 
 def finish(a: argparse.Namespace, state: PartialState, report: VerificationReport | None) -> int:
     """Gather the reports, write and print the merged one on the main process; every process exits alike."""
-    parts = gather_object([report])  # every process gets every shard: they all exit with the same code
+    # every process gets every shard (as JSON bytes, no pickle): they all exit with the same code
+    blobs = all_gather_bytes(json.dumps(report.to_json()).encode() if report else b"", state.device)
+    parts = [report_from_json(json.loads(b)) if b else None for b in blobs]
     merged = merge_reports([r for r in parts if r is not None]) if state.num_processes > 1 else report
     if not state.is_main_process:
         return merged.exit_code
