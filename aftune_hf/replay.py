@@ -89,6 +89,71 @@ def build_recipe(contract: Contract, output_dir: Path, *, distributed: bool = Fa
                           report_to="none", **extra)  # fmt: skip
 
 
+class RanksAsOneTrainer:
+    """Mixin for a one-process Trainer that stands in for ``world_size`` data-parallel processes.
+
+    The batches come from accelerate's own sharding (``prepare_data_loader`` with
+    ``num_processes=world_size`` and each ``process_index``, with this Trainer's accelerator
+    settings), interleaved round-robin into one batch sampler: with ``GA x world_size``
+    micro-batches per step a step holds exactly what every rank trained on, epoch-end padding
+    (``even_batches``) included, and resuming skips batches as the Trainer always does.
+    """
+
+    world_size = 1
+
+    def get_train_dataloader(self):  # noqa: D102 - see the class docstring
+        if self.world_size == 1:
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+
+        acc, prepare = self.accelerator, self.accelerator.prepare
+
+        def as_ranks(loader: DataLoader) -> Any:
+            shards = [prepare_data_loader(
+                loader, acc.device, num_processes=self.world_size, process_index=r, split_batches=acc.split_batches,
+                put_on_device=False, rng_types=acc.rng_types.copy(), dispatch_batches=acc.dispatch_batches,
+                even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
+                data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking,
+                use_stateful_dataloader=acc.use_stateful_dataloader) for r in range(self.world_size)]  # fmt: skip
+            merged = DataLoader(loader.dataset, batch_sampler=InterleavedBatches(shards), collate_fn=loader.collate_fn,
+                                num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                                worker_init_fn=loader.worker_init_fn)  # fmt: skip
+            return prepare(merged)  # the usual one-process preparation (device placement, skipping)
+
+        acc.prepare = as_ranks  # the Trainer builds its DataLoader, then hands it to accelerator.prepare
+        try:
+            return super().get_train_dataloader()
+        finally:
+            del acc.prepare
+
+
+class InterleavedBatches:
+    """Batch indices of several ranks' sharded dataloaders: rank 0's next batch, rank 1's, ..."""
+
+    def __init__(self, shards: list[Any]) -> None:
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards) * min(len(s.batch_sampler) for s in self.shards)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batches in zip(*(s.batch_sampler for s in self.shards)):
+            yield from batches
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.shards:
+            s.set_epoch(epoch)
+
+
+def make_trainer(contract: Contract, parts: Recipe, **kwargs: Any) -> Any:
+    """The Trainer for a replay or data check: one process standing in for the contract's ranks."""
+    import transformers
+
+    cls = type("ReplayTrainer", (RanksAsOneTrainer, transformers.Trainer), {"world_size": contract.training.world_size})
+    return cls(**parts.trainer_kwargs(), **kwargs)
+
+
 def by_rank(batches: list[bytes], world_size: int) -> list[list[bytes]]:
     """A one-process step's micro-batches regrouped as the ranks of a ``world_size``-process run saw
     them: rank ``r`` had micro-batches ``r, r + W, r + 2W, ...`` (accelerate shards batches round-robin)."""
@@ -148,7 +213,10 @@ def replay_window(
     workdir.mkdir(parents=True, exist_ok=True)
     parts = build_recipe(contract, workdir / "out", distributed=distributed)
     observer = ReplayObserver(end, keep_params, gather=distributed)
-    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[observer])
+    if distributed:
+        trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[observer])
+    else:
+        trainer = make_trainer(contract, parts, callbacks=[observer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     resume = None
     if start > 0:
@@ -184,10 +252,8 @@ def iter_data_steps(contract: Contract, workdir: Path) -> Iterator[tuple[int, li
     Uses the Trainer's own dataloader, epoch seeding and ``get_batch_samples`` grouping
     (gradient accumulation, short last step of an epoch) -- no model forward pass.
     """
-    import transformers
-
     parts = build_recipe(contract, workdir / "data")
-    trainer = transformers.Trainer(**parts.trainer_kwargs())
+    trainer = make_trainer(contract, parts)
     loader = trainer.get_train_dataloader()
     (epochs, per_epoch, _, _, _, steps_in_epoch, max_steps) = trainer.set_initial_training_values(trainer.args, loader)
     ga = trainer.args.gradient_accumulation_steps

@@ -23,7 +23,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-STEPS = 5  # 2 ranks x GA 2 x batch 4 = 16 rows a step: all inside the first epoch of 99 rows
+STEPS = 9  # 2 ranks x GA 2 x batch 4 = 16 rows a step: epoch 1 (99 rows, padded evenly across ranks) ends at step 7
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def ddp_contract(write_contract):
         training={"max_steps": STEPS, "world_size": 2},
         recipe_args={"dropout": 0.0},  # one process cannot redraw two ranks' dropout masks
         peft={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        audit={"anchor_every": 2, "checkpoint_every": 1, "mode": "tolerance", "tolerance": 1e-4, "windows": 3},
+        audit={"anchor_every": 3, "checkpoint_every": 1, "mode": "tolerance", "tolerance": 1e-4, "windows": 3},
     )
 
 
@@ -60,7 +60,7 @@ def test_ddp_recording_verifies_and_a_replaced_rank_batch_fails(ddp_contract, tm
     assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stdout + p.stderr[-3000:]
     reader = TraceReader(honest)
     assert reader.check_integrity().num_steps == STEPS
-    anchor = reader.anchor(2, reader.schema())
+    anchor = reader.anchor(3, reader.schema())
     assert anchor.world_size == 2 and set(anchor.rng_state(1)) == set(anchor.rng_state(0))  # every rank's RNG
     report = verify_trace(honest, ddp_contract, nonce="d1")
     assert report.verdict == "PASS", report.summary()
@@ -98,14 +98,14 @@ def test_world_size_is_part_of_the_contract(write_contract, tmp_path):
 
 def test_exact_mode_replays_with_the_same_world_size(write_contract, tmp_path):
     """Dropout on: each rank's masks come back from its own RNG state in the anchor."""
-    contract = write_contract(training={"max_steps": 4, "world_size": 2}, audit={"anchor_every": 2, "windows": 2})
+    contract = write_contract(training={"max_steps": 8, "world_size": 2}, audit={"anchor_every": 4, "windows": 2})
     honest = tmp_path / "honest" / "trace"
     honest.parent.mkdir()
     assert _record(contract, honest).returncode == 0
     p = _verify_two_processes(honest, contract, tmp_path / "honest.json")
     report = json.loads((tmp_path / "honest.json").read_text())
     assert p.returncode == 0 and report["verdict"] == "PASS", p.stdout[-3000:] + p.stderr[-3000:]
-    assert [w["index"] for w in report["windows"]] == [0, 1] and report["data_check"]["steps_checked"] == 4
+    assert [w["index"] for w in report["windows"]] == [0, 1] and report["data_check"]["steps_checked"] == 8
     assert all(s["state_equal"] for w in report["windows"] for s in w["steps"])  # bit-exact, both ranks
     one = verify_trace(honest, contract, nonce="d2")  # one process cannot replay DDP bit-exactly: it says so
     assert one.verdict == "ERROR" and "--num_processes 2" in one.error
