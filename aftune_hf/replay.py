@@ -31,7 +31,7 @@ from . import digest as D
 from .callback import StepObserver
 from .contract import Contract, Recipe, load_recipe
 from .dist import all_gather_bytes, merge_steps, pack_step
-from .errors import ReplayMismatchError
+from .errors import ProviderFault, ReplayMismatchError, VerifierEnvironmentError
 from .live import snapshot, trainable_params, unwrap
 from .statecodec import optimizer_param_names
 from .trace import Anchor, check_schema, schema_of
@@ -175,7 +175,11 @@ def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
         for name, p in params.items():
             p.copy_(anchor.params[name])
     ckpt.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(ckpt)
+    model.should_save_on_this_rank = lambda is_main_process: True  # a DDP replay: every process needs its copy
+    try:
+        model.save_pretrained(ckpt)
+    finally:
+        del model.should_save_on_this_rank
     trainer.create_optimizer()
     names = optimizer_param_names(getattr(trainer.optimizer, "optimizer", trainer.optimizer), model)
     groups = anchor.meta["optimizer"].get("param_groups") if isinstance(anchor.meta.get("optimizer"), dict) else None
@@ -219,16 +223,34 @@ def replay_window(
         trainer = make_trainer(contract, parts, callbacks=[observer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     resume = None
-    if start > 0:
-        if anchor is None:
-            raise ValueError("a window starting after step 0 needs its anchor")
-        resume = workdir / f"checkpoint-{start}"
-        materialize_checkpoint(trainer, anchor, resume)
+    if start > 0 and anchor is None:
+        raise ValueError("a window starting after step 0 needs its anchor")
+    try:
+        if start > 0:
+            resume = workdir / f"checkpoint-{start}"
+            materialize_checkpoint(trainer, anchor, resume)
+    except BaseException as e:
+        if distributed:  # the other processes must not start a DDP run this one will not join
+            _agree(trainer, e)
+        raise
+    if distributed:
+        _agree(trainer, None)
     with _quiet():
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if observer.initial_state is None:  # pragma: no cover - Trainer always calls on_train_begin
         raise RuntimeError("the Trainer did not start")
     return observer.initial_state, observer.steps
+
+
+def _agree(trainer: Any, error: BaseException | None) -> None:
+    """All processes of a DDP replay say whether they could start the window; if one could not,
+    the others raise too (a provider fault if that one's was, else an environment error)."""
+    mine = b"\x00" if error is None else b"\x01" if isinstance(error, ProviderFault) else b"\x02"
+    states = all_gather_bytes(mine, trainer.args.device)
+    if error is None and b"\x01" in states:
+        raise ReplayMismatchError("replay_failed", "another process could not start this window from its anchor")
+    if error is None and b"\x02" in states:
+        raise VerifierEnvironmentError("replay_failed", "another process of this verification failed")
 
 
 class _quiet:

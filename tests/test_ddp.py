@@ -96,9 +96,11 @@ def test_world_size_is_part_of_the_contract(write_contract, tmp_path):
     assert "rank 0 stopped: contract_mismatch" in p.stdout and "rank 1 stopped: contract_mismatch" in p.stdout
 
 
-def test_exact_mode_replays_with_the_same_world_size(write_contract, tmp_path):
-    """Dropout on: each rank's masks come back from its own RNG state in the anchor."""
-    contract = write_contract(training={"max_steps": 8, "world_size": 2}, audit={"anchor_every": 4, "windows": 2})
+@pytest.mark.parametrize("template", ["tiny-lora", "tiny-full"])
+def test_exact_mode_replays_with_the_same_world_size(write_contract, tmp_path, template):
+    """Dropout on: each rank's masks come back from its own RNG state in the anchor. Every process
+    materialises its own resume checkpoint (transformers saves full models on rank 0 only)."""
+    contract = write_contract(template, training={"max_steps": 8, "world_size": 2}, audit={"anchor_every": 4, "windows": 2})
     honest = tmp_path / "honest" / "trace"
     honest.parent.mkdir()
     assert _record(contract, honest).returncode == 0
