@@ -2,8 +2,8 @@
 
     python scripts/bench_all.py [--quick] [--out runs/bench/table.md]
 
-Runs scripts/bench_hash.py, bench_record.py, bench_verify.py and bench_inference.py (batch 4 and
-batch 1), each in its own process, collects the figures each writes with ``--json``, and prints a
+Runs scripts/bench_hash.py, bench_record.py (and its plain-vs-plain control), bench_verify.py and
+bench_inference.py (batch 4 and batch 1), each in its own process, collects the figures each writes with ``--json``, and prints a
 Markdown table (also written to ``--out``) with the machine it ran on. ``--quick`` uses fewer rounds
 and steps (a smoke run, noisier figures). Every ratio is measured side by side inside its script.
 """
@@ -22,14 +22,16 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     "hash": ["bench_hash.py"],
-    "record": ["bench_record.py", "--rounds", "3", "--steps", "16"],
+    "record": ["bench_record.py", "--rounds", "4", "--steps", "16"],
+    "record_control": ["bench_record.py", "--rounds", "4", "--steps", "16", "--control"],
     "verify": ["bench_verify.py", "--steps", "12", "--anchor-every", "4"],
     "inference_b4": ["bench_inference.py", "--batch", "4"],
     "inference_b1": ["bench_inference.py", "--batch", "1"],
 }
 QUICK = {
     "hash": ["bench_hash.py", "--mib", "128", "--repeats", "3"],
-    "record": ["bench_record.py", "--rounds", "1", "--steps", "8"],
+    "record": ["bench_record.py", "--rounds", "2", "--steps", "8"],
+    "record_control": ["bench_record.py", "--rounds", "2", "--steps", "8", "--control"],
     "verify": ["bench_verify.py", "--steps", "8", "--anchor-every", "4"],
     "inference_b4": ["bench_inference.py", "--batch", "4", "--repeats", "2", "--new-tokens", "64"],
     "inference_b1": ["bench_inference.py", "--batch", "1", "--repeats", "2", "--new-tokens", "64"],
@@ -41,6 +43,7 @@ def rows(r: dict) -> list[tuple[str, str, str, bool | None]]:
     h, rec, ver = r["hash"]["hash"], r["record"]["record"], r["verify"]["verify"]
     i4, i1 = r["inference_b4"]["inference"], r["inference_b1"]["inference"]
     lora, full = rec["tiny-lora"], rec["tiny-full"]
+    ctl = r["record_control"]["record"]
     bytes_step = max(lora["chain_bytes_per_step"], full["chain_bytes_per_step"])
     replay = max(ver["tiny-lora"]["replay_ratio"], ver["tiny-full"]["replay_ratio"])
     return [
@@ -50,6 +53,8 @@ def rows(r: dict) -> list[tuple[str, str, str, bool | None]]:
         ("recording, LoRA: audited / plain step time (median)", f"{lora['median_ratio']:.3f}", "≤ 1.03", lora["median_ratio"] <= 1.03),
         ("recording, full FT: audited / plain (median)", f"{full['median_ratio']:.3f}", "≤ 1.10", full["median_ratio"] <= 1.10),
         ("recording, full FT: audited / plain (mean)", f"{full['mean_ratio']:.3f}", "≤ 1.10", full["mean_ratio"] <= 1.10),
+        ("noise floor: plain / plain, same method (LoRA / full, median)",
+         f"{ctl['tiny-lora']['median_ratio']:.3f} / {ctl['tiny-full']['median_ratio']:.3f}", "1.000", None),
         ("commitments per step (chain.jsonl bytes / steps, worst of LoRA/full)", f"{bytes_step:.0f} B", "≤ 512 B", bytes_step <= 512),
         ("replay / original step time (median per window, worst of LoRA/full)", f"{replay:.3f}", "≤ 1.2", replay <= 1.2),
         ("all-steps data check / training time", f"{max(v['data_check_share'] for v in ver.values()):.1%}", "", None),

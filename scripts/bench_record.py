@@ -1,10 +1,12 @@
 """Recording overhead: Trainer step time with vs without AuditCallback, measured side by side.
 
-    python scripts/bench_record.py [--hidden 512 --layers 6 --steps 12 --rounds 3]
+    python scripts/bench_record.py [--hidden 512 --layers 6 --steps 12 --rounds 4] [--control]
 
 Builds a Llama-style base model large enough that one optimizer step takes >= 0.5 s on a
 2-core CPU, then alternates plain and audited runs of the same contract (LoRA and full
-fine-tune) and prints the median step time of each and their ratio.
+fine-tune), in ABBA order (plain first in even rounds, audited first in odd ones: on this VM the
+second run of a pair is often slower), and prints the median step time of each and their ratio.
+``--control`` runs plain against plain: the noise floor of the same measurement.
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4, help="even, so each side runs first equally often")
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
     ap.add_argument("--json", help="also write the headline figures here")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A run: the 'audited' side trains without the recorder too (measures the noise floor)")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     OnThread.install()
@@ -105,15 +109,19 @@ def main() -> int:
         path = bench_contract(work, kind, base, digest, steps=a.steps, **audit)
         contract = load_contract(path)
         plain, audited, on_thread = [], [], []
-        for _ in range(a.rounds):  # interleaved, so drift hits both sides alike
-            plain += run(path, work, False, a.skip)
-            OnThread.per_step = []
-            audited += run(path, work, True, a.skip)
-            on_thread += OnThread.per_step[a.skip : -1]  # the last step also waits for the final flush
+        for i in range(a.rounds):  # interleaved, order alternating (ABBA): drift and order hit both sides alike
+            for audited_side in ((False, True) if i % 2 == 0 else (True, False)):
+                if not audited_side:
+                    plain += run(path, work, False, a.skip)
+                    continue
+                OnThread.per_step = []
+                audited += run(path, work, not a.control, a.skip)
+                on_thread += OnThread.per_step[a.skip : -1]  # the last step also waits for the final flush
         mp, ma = statistics.median(plain), statistics.median(audited)
         mean_p, mean_a = statistics.mean(plain), statistics.mean(audited)
-        med_t, mean_t = statistics.median(on_thread), statistics.mean(on_thread)
-        chain_bytes = (work / "trace" / CHAIN).stat().st_size / a.steps  # start record included: conservative
+        med_t, mean_t = (statistics.median(on_thread), statistics.mean(on_thread)) if on_thread else (0.0, 0.0)
+        trace = work / "trace" / CHAIN
+        chain_bytes = trace.stat().st_size / a.steps if trace.exists() else 0.0  # start record included
         results[kind] = {"median_ratio": ma / mp, "mean_ratio": mean_a / mean_p, "step_s": mp,
                          "on_thread_ms": 1000 * med_t, "chain_bytes_per_step": chain_bytes}  # fmt: skip
         print(f"{kind}: median step plain {mp:.3f} s, audited {ma:.3f} s, ratio {ma / mp:.3f}; "
