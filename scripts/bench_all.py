@@ -44,6 +44,7 @@ def rows(r: dict) -> list[tuple[str, str, str, bool | None]]:
     i4, i1 = r["inference_b4"]["inference"], r["inference_b1"]["inference"]
     lora, full = rec["tiny-lora"], rec["tiny-full"]
     ctl = r["record_control"]["record"]
+    cpu = {k: (v["on_thread_ms"] + v["writer_cpu_ms"]) / (1000 * v["step_s"]) for k, v in rec.items()}
     bytes_step = max(lora["chain_bytes_per_step"], full["chain_bytes_per_step"])
     replay = max(ver["tiny-lora"]["replay_ratio"], ver["tiny-full"]["replay_ratio"])
     return [
@@ -53,6 +54,8 @@ def rows(r: dict) -> list[tuple[str, str, str, bool | None]]:
         ("recording, LoRA: audited / plain step time (median)", f"{lora['median_ratio']:.3f}", "≤ 1.03", lora["median_ratio"] <= 1.03),
         ("recording, full FT: audited / plain (median)", f"{full['median_ratio']:.3f}", "≤ 1.10", full["median_ratio"] <= 1.10),
         ("recording, full FT: audited / plain (mean)", f"{full['mean_ratio']:.3f}", "≤ 1.10", full["mean_ratio"] <= 1.10),
+        ("recorder CPU per step / step time (training thread + writer thread; LoRA / full)",
+         f"{cpu['tiny-lora']:.1%} / {cpu['tiny-full']:.1%}", "", None),
         ("noise floor: plain / plain, same method (LoRA / full, median)",
          f"{ctl['tiny-lora']['median_ratio']:.3f} / {ctl['tiny-full']['median_ratio']:.3f}", "1.000", None),
         ("commitments per step (chain.jsonl bytes / steps, worst of LoRA/full)", f"{bytes_step:.0f} B", "≤ 512 B", bytes_step <= 512),

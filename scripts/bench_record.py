@@ -51,6 +51,8 @@ class OnThread:
     per_step: list[float] = []
     names = ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
 
+    writer_cpu: list[float] = []  # CPU seconds the writer thread spent on each step's commit
+
     @classmethod
     def install(cls) -> None:
         from aftune_hf.callback import AuditCallback, StepCapture
@@ -58,6 +60,16 @@ class OnThread:
         for owner, names in ((AuditCallback, cls.names[1:]), (StepCapture, ("_pre", "_post"))):
             for name in names:
                 setattr(owner, name, cls._timed(getattr(owner, name)))
+        commit = AuditCallback._commit
+
+        def timed_commit(*args, **kwargs):
+            t = time.thread_time()
+            try:
+                return commit(*args, **kwargs)
+            finally:
+                cls.writer_cpu.append(time.thread_time() - t)
+
+        AuditCallback._commit = timed_commit
 
     @classmethod
     def _timed(cls, fn):
@@ -108,26 +120,29 @@ def main() -> int:
         audit = {"anchor_every": 8, "checkpoint_every": 4} if kind == "tiny-full" else {}
         path = bench_contract(work, kind, base, digest, steps=a.steps, **audit)
         contract = load_contract(path)
-        plain, audited, on_thread = [], [], []
+        plain, audited, on_thread, writer, chain_bytes = [], [], [], [], 0.0
         for i in range(a.rounds):  # interleaved, order alternating (ABBA): drift and order hit both sides alike
             for audited_side in ((False, True) if i % 2 == 0 else (True, False)):
                 if not audited_side:
                     plain += run(path, work, False, a.skip)
                     continue
-                OnThread.per_step = []
+                OnThread.per_step, OnThread.writer_cpu = [], []
                 audited += run(path, work, not a.control, a.skip)
                 on_thread += OnThread.per_step[a.skip : -1]  # the last step also waits for the final flush
+                writer += OnThread.writer_cpu
+                chain = work / "trace" / CHAIN  # the next plain run removes the trace
+                chain_bytes = chain.stat().st_size / a.steps if chain.exists() else 0.0  # start record included
         mp, ma = statistics.median(plain), statistics.median(audited)
         mean_p, mean_a = statistics.mean(plain), statistics.mean(audited)
         med_t, mean_t = (statistics.median(on_thread), statistics.mean(on_thread)) if on_thread else (0.0, 0.0)
-        trace = work / "trace" / CHAIN
-        chain_bytes = trace.stat().st_size / a.steps if trace.exists() else 0.0  # start record included
+        writer_t = statistics.mean(writer) if writer else 0.0
         results[kind] = {"median_ratio": ma / mp, "mean_ratio": mean_a / mean_p, "step_s": mp,
-                         "on_thread_ms": 1000 * med_t, "chain_bytes_per_step": chain_bytes}  # fmt: skip
+                         "on_thread_ms": 1000 * med_t, "chain_bytes_per_step": chain_bytes,
+                         "writer_cpu_ms": 1000 * writer_t}  # fmt: skip
         print(f"{kind}: median step plain {mp:.3f} s, audited {ma:.3f} s, ratio {ma / mp:.3f}; "
               f"mean ratio {mean_a / mean_p:.3f}; on the training thread per step: median {1000 * med_t:.1f} ms "
-              f"({med_t / mp:.1%}), mean {1000 * mean_t:.1f} ms ({mean_t / mp:.1%}); "
-              f"n={len(plain)}+{len(audited)} steps; commitments {chain_bytes:.0f} bytes/step; "
+              f"({med_t / mp:.1%}), mean {1000 * mean_t:.1f} ms ({mean_t / mp:.1%}); writer thread CPU per step "
+              f"{1000 * writer_t:.1f} ms ({writer_t / mp:.1%}); n={len(plain)}+{len(audited)} steps; commitments {chain_bytes:.0f} bytes/step; "
               f"audit {contract.audit}", flush=True)  # fmt: skip
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"model: hidden {a.hidden}, {a.layers} layers, {params / 1e6:.1f} M parameters")
