@@ -21,13 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import struct
 import unicodedata
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +100,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         RecorderError: on any OS error (disk full, I/O error); the temp file is removed
             and the previous content of ``path``, if any, is untouched.
     """
-    final = Path(path)
-    tmp = _tmp_path(final)
+    commit_staged(*stage_bytes(path, data))
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path, final: Path) -> Iterator[None]:
+    """Delete ``tmp`` if the block fails; an OSError (disk full, I/O error) becomes RecorderError."""
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        _commit_tmp(tmp, final)
+        yield
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RecorderError("write_failed", f"{e.strerror or e}", path=str(final)) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def stage_bytes(path: str | os.PathLike[str], data: bytes) -> tuple[Path, Path]:
+    """Write ``data`` to a temp file next to ``path``; returns ``(tmp, final)`` for :func:`commit_staged`."""
+    final = Path(path)
+    tmp = _tmp_path(final)
+    with _removed_on_error(tmp, final):
+        with open(tmp, "xb") as f:
+            f.write(data)
+    return tmp, final
 
 
 def stage_safetensors(
@@ -122,24 +138,15 @@ def stage_safetensors(
 
     final = Path(path)
     tmp = _tmp_path(final)
-    try:
+    with _removed_on_error(tmp, final):
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, dict(metadata))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RecorderError("write_failed", f"{e.strerror or e}", path=str(final)) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return tmp, final
 
 
 def commit_staged(tmp: Path, final: Path) -> None:
     """fsync a staged file, rename it into place, fsync the directory."""
-    try:
+    with _removed_on_error(tmp, final):
         _commit_tmp(tmp, final)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RecorderError("write_failed", f"{e.strerror or e}", path=str(final)) from e
 
 
 def atomic_save_safetensors(

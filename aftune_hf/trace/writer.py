@@ -11,7 +11,7 @@ from typing import Any
 from .. import digest as D
 from .. import records as R
 from ..errors import RecorderError, TraceFormatError, TraceLockedError
-from ..safeio import append_durable, atomic_write_bytes, commit_staged, fsync_dir, stage_safetensors
+from ..safeio import append_durable, atomic_write_bytes, commit_staged, fsync_dir, stage_bytes, stage_safetensors
 from .layout import (
     ANCHOR_META_KEYS, ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, LOCK, ROOT, Anchor, Limits, Schema,
     expected_files, parse_chain_line, read_json, anchor_path, checkpoint_path, environment,
@@ -126,9 +126,7 @@ class TraceWriter:
         digest = anchor.digest()
         staged = [stage_safetensors(self.root / anchor_path(anchor.step, p), getattr(anchor, p), {"format": "pt"})
                   for p in ANCHOR_PARTS]  # fmt: skip
-        tmp = meta.with_name(f".{meta.name}.tmp-{uuid.uuid4().hex[:12]}")
-        tmp.write_bytes(D.canonical_json(dict(anchor.meta)))
-        return digest, [*staged, (tmp, meta)]
+        return digest, [*staged, stage_bytes(meta, D.canonical_json(dict(anchor.meta)))]
 
     def commit_files(self, staged: list[tuple[Path, Path]]) -> None:
         """Make staged files durable and visible (before the record that refers to them)."""
