@@ -19,8 +19,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import math
 import queue
 import threading
 from collections.abc import Callable
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from . import digest as D
 from . import records as R
@@ -37,61 +36,10 @@ from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
 from .live import contract_differences, make_anchor, trainable_params, unwrap
+from .observe import StepObserver
 from .trace import Anchor, TraceWriter, schema_of
 
 logger = logging.getLogger(__name__)
-
-
-class StepCapture:
-    """Forward hooks that capture, per optimizer step, what the model was fed and returned.
-
-    Only forwards in training mode between ``begin()`` and ``end()`` count, so evaluation,
-    prediction and generation are ignored.
-    """
-
-    def __init__(self) -> None:
-        self.active = False
-        self.batches: list[bytes] = []
-        self.num_items: int | None = None
-        self.loss: torch.Tensor | None = None
-        self._handles: list[Any] = []
-
-    def install(self, model: torch.nn.Module) -> None:
-        self.remove()
-        self._handles = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            model.register_forward_hook(self._post, with_kwargs=True),
-        ]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def begin(self) -> None:
-        self.active, self.batches, self.num_items, self.loss = True, [], None, None
-
-    def end(self) -> tuple[list[bytes], int | None, float]:
-        self.active = False
-        loss = math.nan if self.loss is None else float(self.loss)
-        return self.batches, self.num_items, loss
-
-    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (self.active and module.training):
-            return
-        if args:
-            raise RecorderError("capture_failed", "the model was called with positional tensors")
-        n = kwargs.get("num_items_in_batch")
-        self.batches.append(D.batch_digest({k: v for k, v in kwargs.items() if k != "num_items_in_batch"}))
-        self.num_items = None if n is None else int(n)
-
-    def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not (self.active and module.training):
-            return
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach().double()
-            self.loss = loss if self.loss is None else self.loss + loss
 
 
 class _BackgroundWriter:
@@ -131,45 +79,6 @@ class _BackgroundWriter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-
-
-class StepObserver(TrainerCallback):
-    """Observe every optimizer step of a Trainer: micro-batches, loss, lr applied, grad norm, state.
-
-    The recorder (:class:`AuditCallback`) commits what it observes; the verifier's replay
-    observes the same way and compares.
-    """
-
-    def __init__(self) -> None:
-        self.capture = StepCapture()
-        self._lr: float = math.nan
-        self._grad_norm: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.capture.begin()
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in trainable_params(model).values() if p.grad is not None]
-        self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self._lr = float(optimizer.param_groups[0]["lr"])
-
-    def observe(
-        self, state: Any, model: Any, *, state_digest: bool = True
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The step's record fields (all but ``checkpoint``/``anchor``; ``state`` only when
-        ``state_digest``) and the live trainable tensors."""
-        step = state.global_step
-        batches, num_items, loss = self.capture.end()
-        if not batches:
-            raise RecorderError("capture_failed", "no training forward pass was captured", step=step)
-        params = trainable_params(model)
-        fields = dict(step=step, batches=[batches], num_items=num_items, loss=loss, lr=self._lr,
-                      grad_norm=self._grad_norm)  # fmt: skip
-        if state_digest:
-            fields["state"] = D.state_digest(params)
-        return fields, params
 
 
 class AuditCallback(StepObserver):
@@ -229,7 +138,7 @@ class AuditCallback(StepObserver):
         # captures its own micro-batches; the main process alone writes. Each sync point gathers
         # every rank's status, so a failure on any rank stops all of them at the same step.
         self.rank, self.world, self._device = args.process_index, args.world_size, args.device
-        try:
+        with self._failing_together():
             diffs = contract_differences(
                 self.contract, args, model, train_dataloader,
                 check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft),
@@ -239,16 +148,10 @@ class AuditCallback(StepObserver):
                     "contract_mismatch", "refusing to record; the run differs from the contract:\n  " + "\n  ".join(diffs)
                 )
             rng = rank_rng_bytes(self.world)
-        except BaseException as e:
-            self._sync(error=e)
-            raise
         rngs = self._sync(rng)
-        try:
+        with self._failing_together():
             if self.rank == 0:
                 self._open_trace(state, model, optimizer, lr_scheduler, rngs)
-        except BaseException as e:
-            self._sync(error=e)
-            raise
         self._sync()
         self.capture.install(unwrap(model))
 
@@ -272,6 +175,15 @@ class AuditCallback(StepObserver):
 
     def _sync(self, payload: bytes = b"", error: BaseException | None = None) -> list[bytes]:
         return sync_ranks(payload, error, world=self.world, device=self._device)
+
+    @contextlib.contextmanager
+    def _failing_together(self):
+        """A rank-local block: if it fails, tell the other ranks at the sync they wait in, then raise."""
+        try:
+            yield
+        except BaseException as e:
+            self._sync(error=e)
+            raise
 
     def _fresh_writer(self, params: dict[str, torch.Tensor]) -> TraceWriter:
         if self.trace_dir.exists() and any(self.trace_dir.iterdir()):
@@ -315,13 +227,10 @@ class AuditCallback(StepObserver):
         audit, step = self.contract.audit, state.global_step
         last = step == self.contract.training.max_steps
         anchored = step % audit.anchor_every == 0 or last
-        try:
+        with self._failing_together():
             self._check_bg()
             fields, params = self.observe(state, model, state_digest=False)
             mine = pack_step(fields) + (rank_rng_bytes(self.world) if anchored else b"")
-        except BaseException as e:
-            self._sync(error=e)
-            raise
         parts = self._sync(mine)
         if self.rank != 0:
             return
@@ -353,8 +262,8 @@ class AuditCallback(StepObserver):
             if checkpoint:
                 staged += self.writer.stage_checkpoint(fields["step"], params)
             digest = None
-            if anchor is not None:
-                digest, files = self.writer.stage_anchor(anchor)
+            if anchor is not None:  # its params are these same live tensors: hashed once, just above
+                digest, files = self.writer.stage_anchor(dataclasses.replace(anchor, params_state=fields["state"]))
                 staged += files
         except BaseException:
             for tmp, _ in staged:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import RecorderError
+from .errors import ProviderFault, RecorderError
 from .trace import Anchor
 
 
@@ -52,16 +52,27 @@ def all_gather_bytes(payload: bytes, device: Any = "cpu") -> list[bytes]:
     return [bytes(p[: int(k)].cpu().numpy().tobytes()) for p, k in zip(parts, lengths)]
 
 
-def sync_ranks(payload: bytes, error: BaseException | None, *, world: int, device: Any) -> list[bytes]:
-    """All-gather ``payload`` with this rank's status; if any rank failed, every rank raises
-    (the failing one its own error, after this call)."""
+OK, PROVIDER_FAULT, OTHER_ERROR = 0, 1, 2  # a rank's status at a sync point
+
+
+def exchange(payload: bytes, error: BaseException | None, *, world: int, device: Any) -> tuple[list[bytes], list[int]]:
+    """All-gather ``payload`` with this rank's status (OK, or how ``error`` failed it):
+    every rank's payload and status, in rank order."""
     if world == 1:
-        return [payload]
-    parts = all_gather_bytes((b"\x01" if error else b"\x00") + payload, device)
-    failed = [r for r, p in enumerate(parts) if p[:1] != b"\x00"]
+        return [payload], [OK if error is None else OTHER_ERROR]
+    status = OK if error is None else PROVIDER_FAULT if isinstance(error, ProviderFault) else OTHER_ERROR
+    parts = all_gather_bytes(bytes([status]) + payload, device)
+    return [p[1:] for p in parts], [p[0] for p in parts]
+
+
+def sync_ranks(payload: bytes, error: BaseException | None, *, world: int, device: Any) -> list[bytes]:
+    """:func:`exchange` for the recorder: if any rank failed, every rank raises (the failing one
+    its own error, after this call)."""
+    parts, statuses = exchange(payload, error, world=world, device=device)
+    failed = [r for r, s in enumerate(statuses) if s != OK]
     if error is None and failed:
         raise RecorderError("rank_failed", f"recording failed on rank {failed[0]}; every rank stops")
-    return [p[1:] for p in parts]
+    return parts
 
 
 def pack_step(fields: dict[str, Any]) -> bytes:
@@ -112,4 +123,5 @@ def anchor_with_ranks(anchor: Anchor, rngs: list[bytes]) -> Anchor:
     return dataclasses.replace(anchor, rng=tensors, meta={**anchor.meta, "rng": metas})
 
 
-__all__ = ["all_gather_bytes", "anchor_with_ranks", "merge_steps", "pack_step", "rank_rng_bytes", "sync_ranks", "world"]
+__all__ = ["OK", "OTHER_ERROR", "PROVIDER_FAULT", "all_gather_bytes", "anchor_with_ranks", "exchange", "merge_steps", "pack_step",
+           "rank_rng_bytes", "sync_ranks", "world"]

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from . import digest as D
-from .callback import StepObserver
+from .observe import StepObserver
 from .contract import Contract, Recipe, load_recipe
-from .dist import all_gather_bytes, merge_steps, pack_step
-from .errors import ProviderFault, ReplayMismatchError, VerifierEnvironmentError
+from .dist import OTHER_ERROR, PROVIDER_FAULT, all_gather_bytes, exchange, merge_steps, pack_step
+from .errors import ReplayMismatchError, VerifierEnvironmentError
 from .live import snapshot, trainable_params, unwrap
 from .statecodec import optimizer_param_names
 from .trace import Anchor, check_schema, schema_of
@@ -245,11 +245,10 @@ def replay_window(
 def _agree(trainer: Any, error: BaseException | None) -> None:
     """All processes of a DDP replay say whether they could start the window; if one could not,
     the others raise too (a provider fault if that one's was, else an environment error)."""
-    mine = b"\x00" if error is None else b"\x01" if isinstance(error, ProviderFault) else b"\x02"
-    states = all_gather_bytes(mine, trainer.args.device)
-    if error is None and b"\x01" in states:
+    _, statuses = exchange(b"", error, world=trainer.args.world_size, device=trainer.args.device)
+    if error is None and PROVIDER_FAULT in statuses:
         raise ReplayMismatchError("replay_failed", "another process could not start this window from its anchor")
-    if error is None and b"\x02" in states:
+    if error is None and OTHER_ERROR in statuses:
         raise VerifierEnvironmentError("replay_failed", "another process of this verification failed")
 
 

@@ -11,7 +11,6 @@ second run of a pair is often slower), and prints the median step time of each a
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import transformers
-from benchkit import bench_contract, bench_model, emit
+from benchkit import bench_contract, bench_model, emit, parser
 
 from aftune_hf import AuditCallback
 from aftune_hf.contract import load_contract
@@ -55,7 +54,8 @@ class OnThread:
 
     @classmethod
     def install(cls) -> None:
-        from aftune_hf.callback import AuditCallback, StepCapture
+        from aftune_hf.callback import AuditCallback
+        from aftune_hf.observe import StepCapture
 
         for owner, names in ((AuditCallback, cls.names[1:]), (StepCapture, ("_pre", "_post"))):
             for name in names:
@@ -101,13 +101,10 @@ def run(contract_path: Path, work: Path, audited: bool, skip: int) -> list[float
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=4, help="even, so each side runs first equally often")
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
-    ap.add_argument("--json", help="also write the headline figures here")
     ap.add_argument("--control", action="store_true",
                     help="A/A run: the 'audited' side trains without the recorder too (measures the noise floor)")
     a = ap.parse_args()

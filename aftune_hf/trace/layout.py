@@ -10,7 +10,7 @@ import os
 import platform
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +90,11 @@ class Anchor:
     optimizer: Mapping[str, Any]
     rng: Mapping[str, Any]
     meta: Mapping[str, Any]
+    params_state: bytes | None = field(default=None, compare=False, repr=False)  # S(params), if already known
 
     def part_digests(self) -> dict[str, bytes]:
         return {
-            "params": D.state_digest(self.params),
+            "params": self.params_state or D.state_digest(self.params),
             "optimizer": D.state_digest(self.optimizer),
             "rng": D.state_digest(self.rng),
             "meta": D.json_digest(dict(self.meta)),
