@@ -10,7 +10,6 @@ model-sized set of tensors (a 23.9 M-parameter Llama state dict), ``file_digest`
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import transformers
-from benchkit import bench_model, emit
+from benchkit import bench_model, emit, parser
 
 from aftune_hf import digest as D
 
@@ -39,10 +38,9 @@ def rate(fn, nbytes: int, repeats: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, model=False)
     ap.add_argument("--mib", type=int, default=256, help="size of the large tensor")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="also write the headline figures here")
     a = ap.parse_args()
     big = torch.randn(a.mib * (1 << 20) // 4)
     view = D.tensor_bytes(big)

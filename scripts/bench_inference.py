@@ -9,7 +9,6 @@ from the log; the teacher-forced check of a call is timed against that call's ge
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchkit import bench_model, emit
+from benchkit import bench_model, emit, parser
 
 from aftune_hf.generate import wrap_generate
 from aftune_hf.recipes.tokenizer import byte_tokenizer
@@ -30,13 +29,10 @@ PROMPTS = ["### Instruction:\nWhat is the opposite of hot?\n### Response:\n", "S
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
+    ap = parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="also write the headline figures here")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-inference-"))

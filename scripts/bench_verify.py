@@ -10,7 +10,6 @@ resume) and the cost of the structural and all-steps data checks.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import transformers
-from benchkit import bench_contract, bench_model, emit
+from benchkit import bench_contract, bench_model, emit, parser
 
 from aftune_hf import AuditCallback
 from aftune_hf.contract import load_contract
@@ -40,12 +39,9 @@ class StepTimes(transformers.TrainerCallback):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--anchor-every", type=int, default=4)
-    ap.add_argument("--json", help="also write the headline figures here")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-verify-"))

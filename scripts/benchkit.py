@@ -1,10 +1,11 @@
 """What every benchmark script shares: a base model big enough to time, contracts for it, JSON results.
 
-    from benchkit import bench_model, bench_contract, emit
+    from benchkit import bench_model, bench_contract, emit, parser
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,6 +18,16 @@ from aftune_hf.artifacts import dataset_digest
 from aftune_hf.recipes.causal_lm import DEFAULT_DATASET, make_base_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def parser(doc: str, *, model: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--json`` (and the model size: ``--hidden``, ``--layers``)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if model:
+        ap.add_argument("--hidden", type=int, default=512)
+        ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--json", help="also write the headline figures here")
+    return ap
 
 
 def bench_model(work: Path, hidden: int = 512, layers: int = 6) -> tuple[Path, str]:
