@@ -97,8 +97,11 @@ def client_calls(tmp_path, *calls):
 
 
 @pytest.mark.parametrize("sample,gen", [(False, {}), (True, {"temperature": 0.7, "top_p": 0.9}), (True, {"top_k": 20})])
-def test_honest_calls_pass(audited, tmp_path, sample, gen):
+def test_honest_calls_pass(audited, tmp_path, sample, gen, monkeypatch):
     contract, trace, _ = audited
+    # a fixed sampling seed: with a fresh random one, whether any row runs to NEW tokens before EOS
+    # was chance (CI failed once with 56 of 64)
+    monkeypatch.setattr(G.os, "urandom", lambda n: bytes(range(7, 7 + n)))
     call = serve(served_model(audited), tmp_path / "log", sample=sample, **gen)
     report = verify_inference(tmp_path / "log", contract, trace=trace, calls=client_calls(tmp_path, call))
     assert report.verdict == "PASS", report.summary()
