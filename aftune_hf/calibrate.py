@@ -44,12 +44,13 @@ def calibrate(
                 if steps[s]["checkpoint"]:
                     per_step[s] = _distance(r.params, reader.checkpoint(s, schema))[0]
     values = list(per_step.values()) or [0.0]
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else str(torch.backends.cpu.get_cpu_capability())
     proposed = max(max(values) * safety, 1e-9)
     summary = (
-        f"replayed {len(per_step)} steps here ({torch.backends.cpu.get_cpu_capability()}); "
+        f"replayed {len(per_step)} steps here ({here}); "
         f"honest relative L2 distance: max {max(values):.3e}, median {statistics.median(values):.3e}; "
         f"proposed audit.tolerance: {proposed:.3e} ({safety:g}x the max)"
     )
     return {"per_step": per_step, "max": max(values), "median": statistics.median(values),
-            "proposed_tolerance": proposed, "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "proposed_tolerance": proposed, "cpu_capability": str(torch.backends.cpu.get_cpu_capability()), "device": here,
             "summary": summary}  # fmt: skip

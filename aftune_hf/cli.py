@@ -4,7 +4,7 @@
     aftune inspect TRACE          check a trace's integrity and summarise it
     aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
-    aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX]
+    aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX] [--device cuda]
     aftune report REPORT.json --html OUT.html   render a JSON report as a self-contained HTML page
     aftune push TRACE REPO_ID [--private] [--repo-type model|dataset]
     aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C]
@@ -106,7 +106,7 @@ def _verify_inference(args: argparse.Namespace) -> int:
         raise ConfigError("log_not_found", "no such directory", path=args.log)
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     report = verify_inference(args.log, args.contract, trace=args.trace, calls=args.calls, nonce=args.nonce,
-                              num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint)  # fmt: skip
+                              num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint, device=args.device)  # fmt: skip
     _write_reports(report, args)
     print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.summary())
     return report.exit_code
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonce", help="hex; picks the calls to check when --calls is absent")
     p.add_argument("--num-calls", type=int, help="calls to sample (default: the contract's audit.inference_calls)")
     p.add_argument("--endpoint", help="Hub URL for hf:// logs and traces")
+    p.add_argument("--device", default="cpu", help="where the teacher-forced passes run (e.g. cuda; default cpu)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--json", action="store_true")

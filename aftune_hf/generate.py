@@ -115,7 +115,7 @@ class _InverseCdfSampler:
         for row in range(scores.shape[0]):
             cdf = sampling_cdf(scores[row : row + 1], input_ids[row : row + 1], self.config)[0]
             u = D.uniform(self.seed, row, position) * float(cdf[-1])
-            token = min(int(torch.searchsorted(cdf, torch.tensor(u, dtype=cdf.dtype), right=True)), cdf.shape[0] - 1)
+            token = min(int(torch.searchsorted(cdf, torch.tensor(u, dtype=cdf.dtype, device=cdf.device), right=True)), cdf.shape[0] - 1)
             out[row, token] = 0.0
         return out
 

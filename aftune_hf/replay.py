@@ -166,6 +166,25 @@ def initial_state(contract: Contract, workdir: Path) -> tuple[bytes, dict[str, t
     return D.state_digest(params), schema_of(params)
 
 
+_DEVICE_RNG = ("cuda", "npu", "hpu", "mlu", "musa", "xpu")
+
+
+def trainer_rng(states: dict[str, Any], distributed: bool) -> dict[str, Any]:
+    """An anchor's RNG states in the shape ``Trainer._load_rng_state`` expects. The recorder keeps
+    every visible accelerator's generator (a list); a process that is not distributed restores
+    only its own device's (one tensor), a distributed one restores the list."""
+    out = dict(states)
+    for key in _DEVICE_RNG:
+        value = out.get(key)
+        if isinstance(value, list) and not distributed and value:
+            module = getattr(torch, key, None)
+            index = module.current_device() if module is not None and module.is_available() else 0
+            out[key] = value[index if index < len(value) else 0]
+        elif isinstance(value, torch.Tensor) and distributed:
+            out[key] = [value]
+    return out
+
+
 def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
     """Write a Trainer ``checkpoint-N`` directory from a parsed anchor (our own files only)."""
     model = unwrap(trainer.model)
@@ -188,11 +207,14 @@ def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
         raise ReplayMismatchError("optimizer_mismatch", "anchor optimizer groups differ from the recipe's", step=anchor.step)
     torch.save(anchor.optimizer_state_dict(), ckpt / "optimizer.pt")
     torch.save(anchor.scheduler_state(), ckpt / "scheduler.pt")
+    from transformers.training_args import ParallelMode
+
+    distributed = trainer.args.parallel_mode == ParallelMode.DISTRIBUTED
     if anchor.world_size == 1:
-        torch.save(anchor.rng_state(), ckpt / "rng_state.pth")
+        torch.save(trainer_rng(anchor.rng_state(), distributed), ckpt / "rng_state.pth")
     else:  # what the Trainer saves and loads per process
         for rank in range(anchor.world_size):
-            torch.save(anchor.rng_state(rank), ckpt / f"rng_state_{rank}.pth")
+            torch.save(trainer_rng(anchor.rng_state(rank), distributed), ckpt / f"rng_state_{rank}.pth")
     (ckpt / "trainer_state.json").write_text(json.dumps(anchor.trainer_state()), encoding="utf-8")
 
 

@@ -82,14 +82,15 @@ def _teacher_forced(model: Any, tensors: Mapping[str, torch.Tensor], rows: int) 
     hidden: list[torch.Tensor] = []
     handle = model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: hidden.append(a[0].detach()))
     try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        with torch.no_grad():  # on the model's device (e.g. a GPU); the checks run on the CPU
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
     finally:
         handle.remove()
+    h = hidden[-1].float().cpu()
     out = []
     for r in range(rows):
         p, n = len(tensors[f"prompt.{r}"]), len(tensors[f"output.{r}"])
-        out.append((hidden[-1][r, p - 1 : p - 1 + n].float(), logits[r, p - 1 : p - 1 + n]))
+        out.append((h[r, p - 1 : p - 1 + n], logits[r, p - 1 : p - 1 + n]))
     return out
 
 
@@ -162,8 +163,12 @@ def verify_inference(
     num_calls: int | None = None,
     log_fn: Any = None,
     endpoint: str | None = None,
+    device: str = "cpu",
 ) -> VerificationReport:
-    """Verify an inference log against the client's contract (and the audited training trace)."""
+    """Verify an inference log against the client's contract (and the audited training trace).
+
+    ``device`` runs the teacher-forced passes there (e.g. ``"cuda"``); the token checks stay on the CPU.
+    """
     say = log_fn or (lambda _m: None)
     t0 = time.perf_counter()
     c = contract if isinstance(contract, Contract) else load_contract(contract)
@@ -190,6 +195,7 @@ def verify_inference(
                 return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
             model.eval()
             expected = served_weights(model)
+            model.to(device)
             entries = {e.record["call"]: e for e in integrity.entries}
             n = integrity.num_calls
             seed = D.challenge_seed(integrity.log_root, nonce_bytes)

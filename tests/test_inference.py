@@ -226,7 +226,7 @@ def test_cli_verify_inference(audited, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "aftune_hf", "verify-inference", str(tmp_path / "log"), "--contract", str(contract),
             "--trace", str(trace), "--quiet"]  # fmt: skip
-    p = subprocess.run([*base, "--calls", str(calls)], capture_output=True, text=True, env=env)
+    p = subprocess.run([*base, "--calls", str(calls), "--device", "cpu"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and p.stdout.startswith("PASS"), p.stdout + p.stderr[-2000:]
     call["rows"][2]["output"][0] ^= 1
     p = subprocess.run([*base, "--calls", str(client_calls(tmp_path, call))], capture_output=True, text=True, env=env)

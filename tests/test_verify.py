@@ -300,3 +300,34 @@ def test_html_report_in_headless_chromium(tolerance_setup, tmp_path):
         assert "http://" not in dom.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched
     fail_dom = render_in_chromium(tmp_path / "fail.html", tmp_path / "fail2.png")
     assert 'id="failures"' in fail_dom and 'class="failed-step"' in fail_dom and "replay_mismatch" in fail_dom
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_device_rng_is_restored_in_the_shape_the_trainer_expects(distributed):
+    """The recorder keeps every visible GPU's generator (a list); the replaying Trainer restores one
+    tensor when it is not distributed and a list when it is (found on a GPU: a list in a one-process
+    replay was refused by torch, so dropout masks differed and an honest exact trace FAILed)."""
+    from transformers.trainer_pt_utils import set_rng_state_for_device
+
+    from aftune_hf.replay import trainer_rng
+
+    states = {"cpu": torch.get_rng_state(), "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]}
+    restored = []
+
+    class FakeCuda:  # torch.cuda's RNG functions, checking the argument types torch checks
+        class random:
+            @staticmethod
+            def set_rng_state(t):
+                assert isinstance(t, torch.Tensor), type(t)
+                restored.append(t)
+
+            @staticmethod
+            def set_rng_state_all(ts):
+                assert isinstance(ts, list) and all(isinstance(t, torch.Tensor) for t in ts)
+                restored.extend(ts)
+
+    out = trainer_rng(states, distributed)
+    set_rng_state_for_device("CUDA", FakeCuda, out, distributed)  # logs (does not raise) what torch refuses
+    assert [int(t[0]) for t in restored] == ([0, 1] if distributed else [0])
+    assert out["cpu"] is states["cpu"]
+    assert trainer_rng({"cuda": states["cuda"][1]}, True)["cuda"][0] is states["cuda"][1]
