@@ -35,7 +35,7 @@ from .card import render_card
 from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
-from .live import contract_differences, make_anchor, trainable_params, unwrap
+from .live import contract_differences, make_anchor, on_host, trainable_params, unwrap
 from .observe import StepObserver
 from .trace import Anchor, TraceWriter, schema_of
 
@@ -258,6 +258,12 @@ class AuditCallback(StepObserver):
     def _commit(self, fields: dict[str, Any], params: dict, checkpoint: bool, anchor: Anchor | None) -> None:
         staged: list = []
         try:  # phase 1 reads the live tensors: hash them, write them to temp files
+            params, copied = on_host(params)  # on a GPU: one copy to the CPU, then training may go on
+            if anchor is not None:
+                optimizer, copied_too = on_host(anchor.optimizer)
+                anchor, copied = dataclasses.replace(anchor, params=params, optimizer=optimizer), copied or copied_too
+            if copied:
+                self._reads_done.set()
             fields = {**fields, "state": D.state_digest(params), "checkpoint": checkpoint}
             if checkpoint:
                 staged += self.writer.stage_checkpoint(fields["step"], params)

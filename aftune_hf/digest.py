@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,7 @@ CONTEXTS: dict[str, str] = {
     )
 }
 _BIG_BUFFER = 128 << 20  # use every core only for buffers this large (threads cost more on small ones)
+_PARALLEL_STATE = 32 << 20  # hash a state's tensors side by side from this many bytes on
 
 if sys.byteorder != "little":  # pragma: no cover - tensor bytes are specified little-endian
     raise ImportError("aftune_hf digests are defined on little-endian machines only")
@@ -214,8 +216,22 @@ def named_digest(digests: Mapping[str, bytes], tree: MerkleTree) -> bytes:
 
 
 def state_digest(tensors: Mapping[str, Any]) -> bytes:
-    """Digest of a named set of tensors (model or trainable state): Merkle over sorted names."""
-    return named_digest({n: tensor_digest(t) for n, t in tensors.items()}, STATE_TREE)
+    """Digest of a named set of tensors (model or trainable state): Merkle over sorted names.
+
+    Tensors are hashed in parallel (half the cores; BLAKE3 releases the GIL) when there are
+    several and together they hold >= 32 MiB; on a 2-core machine this is one thread.
+    """
+    names = list(tensors)
+    big = sum(t.numel() * t.element_size() for t in tensors.values()) >= _PARALLEL_STATE
+    workers = max(1, (os.cpu_count() or 1) // 2)
+    if big and workers > 1 and len(names) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(names)), thread_name_prefix="aftune-hash") as pool:
+            digests = list(pool.map(tensor_digest, (tensors[n] for n in names)))
+    else:
+        digests = [tensor_digest(tensors[n]) for n in names]
+    return named_digest(dict(zip(names, digests)), STATE_TREE)
 
 
 def batch_digest(batch: Mapping[str, Any]) -> bytes:

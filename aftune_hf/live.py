@@ -45,6 +45,17 @@ def snapshot(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
 
 
+def on_host(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """CPU tensors as they are (read in place); tensors on a GPU copied to the CPU, once. Returns
+    the tensors and whether anything was copied (after which the live tensors may change).
+
+    Plain (pageable) host memory: pinned buffers would be cached by torch for the whole run,
+    locking as much RAM as the optimizer state.
+    """
+    out = {n: t.detach() if t.device.type == "cpu" else t.detach().to("cpu") for n, t in tensors.items()}
+    return out, any(t.device.type != "cpu" for t in tensors.values())
+
+
 def rng_states() -> dict[str, Any]:
     """Every RNG state the Trainer saves in ``rng_state.pth``."""
     states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}

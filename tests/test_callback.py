@@ -226,3 +226,13 @@ def test_bf16_autocast_run_is_recorded(write_contract, tmp_path):
     path = write_contract(training={"max_steps": 3, "precision": "bf16"})
     trainer, cb, trace = record(path, tmp_path)
     assert trainer.args.bf16 and TraceReader(trace).check_integrity().num_steps == 3
+
+
+def test_writer_reads_cpu_tensors_in_place():
+    """On the CPU the writer hashes and writes the live tensors themselves (no copy; the training
+    thread waits for it before the next optimizer step); only GPU tensors are copied to the host."""
+    from aftune_hf.live import on_host
+
+    live = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    host, copied = on_host(live)
+    assert not copied and all(host[n] is live[n] or host[n].data_ptr() == live[n].data_ptr() for n in live)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import blake3
 import pytest
@@ -201,6 +202,21 @@ def test_state_digest_is_order_invariant(values, rnd):
     keys = list(tensors)
     rnd.shuffle(keys)
     assert D.state_digest(tensors) == D.state_digest({k: tensors[k] for k in keys})
+
+
+def test_state_digest_hashed_in_parallel_is_the_same_digest(monkeypatch):
+    """Many-core machines hash a large state's tensors side by side; the digest must not change
+    (each tensor under its own name, whatever order the threads finish in)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layer.{i}.w": torch.randn(64, 64 + i, generator=g) for i in range(12)}
+    sequential = D.state_digest(tensors)
+    calls: list[str] = []
+    real = D.tensor_digest
+    monkeypatch.setattr(D, "tensor_digest", lambda t: calls.append(threading.current_thread().name) or real(t))
+    monkeypatch.setattr(D, "_PARALLEL_STATE", 1)
+    monkeypatch.setattr(D.os, "cpu_count", lambda: 8)
+    assert D.state_digest(tensors) == sequential
+    assert all(name.startswith("aftune-hash") for name in calls) and len(calls) == 12
 
 
 @settings(max_examples=60, deadline=None)
