@@ -1,6 +1,6 @@
 """Committed inference: recording overhead, commitment size, verification cost -- side by side.
 
-    python scripts/bench_inference.py [--hidden 512 --layers 6 --new-tokens 128 --batch 4 --repeats 5]
+    python scripts/bench_inference.py [--hidden 512 --layers 6 --new-tokens 128 --batch 4 --repeats 5] [--device cuda]
 
 On one Llama-style model (built from a config): plain ``generate`` and the wrapped one are timed
 alternately (greedy and sampled); the activation commitment bytes per 32 generated tokens are read
@@ -33,14 +33,15 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="where generation and verification run (e.g. cuda)")
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-inference-"))
     bench_model(work, a.hidden, a.layers)
-    plain_model = transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval()
-    wrapped = wrap_generate(transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval(), work / "log")
+    plain_model = transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval().to(a.device)
+    wrapped = wrap_generate(transformers.AutoModelForCausalLM.from_pretrained(work / "base").eval().to(a.device), work / "log")
     tok = byte_tokenizer(padding_side="left")
-    enc = tok((PROMPTS * a.batch)[: a.batch], return_tensors="pt", padding=True)
+    enc = tok((PROMPTS * a.batch)[: a.batch], return_tensors="pt", padding=True).to(a.device)
     # no EOS: every row generates exactly new_tokens
     settings = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, temperature=0.8, top_p=0.95)}
     gen_times: dict[str, list[float]] = {}
@@ -51,6 +52,8 @@ def main() -> int:
             for model, bucket in ((plain_model, plain), (wrapped, rec)):
                 t = time.perf_counter()
                 model.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **kw)
+                if a.device != "cpu":
+                    torch.cuda.synchronize()
                 bucket.append(time.perf_counter() - t)
         gen_times[name] = rec
         ratios[name] = statistics.median(rec) / statistics.median(plain)
@@ -79,7 +82,7 @@ def main() -> int:
           f"{g:.3f} s = {g / v:.1f}x faster (teacher-forced pass + token checks)")  # fmt: skip
     print(f"model: hidden {a.hidden}, {a.layers} layers, {sum(p.numel() for p in plain_model.parameters()) / 1e6:.1f} M "
           f"parameters; torch threads {torch.get_num_threads()}")  # fmt: skip
-    emit(a.json, {"inference": {"record_ratio_greedy": ratios["greedy"], "record_ratio_sampled": ratios["sampled"],
+    emit(a.json, {"device": a.device, "inference": {"record_ratio_greedy": ratios["greedy"], "record_ratio_sampled": ratios["sampled"],
                                 "bytes_per_32_tokens": act / tokens * 32, "verify_speedup": g / v, "batch": a.batch}})  # fmt: skip
     return 0
 

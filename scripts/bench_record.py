@@ -1,6 +1,7 @@
 """Recording overhead: Trainer step time with vs without AuditCallback, measured side by side.
 
     python scripts/bench_record.py [--hidden 512 --layers 6 --steps 12 --rounds 4] [--control]
+        [--kinds tiny-lora] [--batch 16 --grad-accum 2 --precision bf16]
 
 Builds a Llama-style base model large enough that one optimizer step takes >= 0.5 s on a
 2-core CPU, then alternates plain and audited runs of the same contract (LoRA and full
@@ -11,6 +12,7 @@ second run of a pair is often slower), and prints the median step time of each a
 
 from __future__ import annotations
 
+import random
 import shutil
 import statistics
 import tempfile
@@ -27,21 +29,22 @@ from aftune_hf.trace import CHAIN
 
 
 class StepTimer(transformers.TrainerCallback):
-    """Wall time between consecutive step starts (includes every callback's on_step_end)."""
+    """Wall time and process CPU time (every thread) between consecutive step starts (includes
+    every callback's on_step_end)."""
 
     def __init__(self) -> None:
-        self.starts: list[float] = []
+        self.starts: list[tuple[float, float]] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
+        self.starts.append((time.perf_counter(), time.process_time()))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
+        self.starts.append((time.perf_counter(), time.process_time()))
 
-    def durations(self, skip: int) -> list[float]:
-        """Step times without the warm-up steps and without the last step (which also waits
-        for the recorder's final flush, a one-off cost at the end of a run)."""
-        return [b - a for a, b in zip(self.starts, self.starts[1:])][skip:-1]
+    def durations(self, skip: int, clock: int = 0) -> list[float]:
+        """Step times (``clock`` 0: wall, 1: CPU) without the warm-up steps and without the last
+        step (which also waits for the recorder's final flush, a one-off cost at the end of a run)."""
+        return [b[clock] - a[clock] for a, b in zip(self.starts, self.starts[1:])][skip:-1]
 
 
 class OnThread:
@@ -86,8 +89,15 @@ class OnThread:
         return wrapper
 
 
-def run(contract_path: Path, work: Path, audited: bool, skip: int) -> list[float]:
-    """Step times of one run; an audited run leaves its trace in ``work / "trace"``."""
+def median_ci(values: list[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the median (percentile method, fixed seed)."""
+    rnd = random.Random(seed)
+    meds = sorted(statistics.median(rnd.choices(values, k=len(values))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
+def run(contract_path: Path, work: Path, audited: bool, skip: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU step times of one run; an audited run leaves its trace in ``work / "trace"``."""
     contract = load_contract(contract_path)
     parts = build(contract, str(work / "out"), disable_tqdm=True, logging_steps=1000)
     timer = StepTimer()
@@ -97,7 +107,7 @@ def run(contract_path: Path, work: Path, audited: bool, skip: int) -> list[float
     if audited:
         callbacks.append(AuditCallback(contract, trace))
     transformers.Trainer(**parts.trainer_kwargs(), callbacks=callbacks).train()
-    return timer.durations(skip)
+    return timer.durations(skip), timer.durations(skip, clock=1)
 
 
 def main() -> int:
@@ -105,6 +115,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=4, help="even, so each side runs first equally often")
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
+    ap.add_argument("--kinds", nargs="+", default=["tiny-lora", "tiny-full"], choices=["tiny-lora", "tiny-full"])
+    ap.add_argument("--batch", type=int, help="per-device batch size (default: the config's)")
+    ap.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the config's)")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the config's (fp32)")
     ap.add_argument("--control", action="store_true",
                     help="A/A run: the 'audited' side trains without the recorder too (measures the noise floor)")
     a = ap.parse_args()
@@ -112,38 +126,58 @@ def main() -> int:
     OnThread.install()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-"))
     base, digest = bench_model(work, a.hidden, a.layers)
+    training = {k: v for k, v in {"per_device_train_batch_size": a.batch, "gradient_accumulation_steps": a.grad_accum,
+                                  "precision": a.precision}.items() if v is not None}  # fmt: skip
     results = {}
-    for kind in ("tiny-lora", "tiny-full"):
+    for kind in a.kinds:
         audit = {"anchor_every": 8, "checkpoint_every": 4} if kind == "tiny-full" else {}
-        path = bench_contract(work, kind, base, digest, steps=a.steps, **audit)
+        path = bench_contract(work, kind, base, digest, steps=a.steps, sections={"training": training}, **audit)
         contract = load_contract(path)
-        plain, audited, on_thread, writer, chain_bytes = [], [], [], [], 0.0
+        plain, audited, on_thread, writer, rounds, chain_bytes = [], [], [], [], [], 0.0
+        cpu: dict[str, list[float]] = {"plain": [], "audited": []}
         for i in range(a.rounds):  # interleaved, order alternating (ABBA): drift and order hit both sides alike
+            pair = {}
             for audited_side in ((False, True) if i % 2 == 0 else (True, False)):
                 if not audited_side:
-                    plain += run(path, work, False, a.skip)
+                    pair["plain"] = run(path, work, False, a.skip)
                     continue
                 OnThread.per_step, OnThread.writer_cpu = [], []
-                audited += run(path, work, not a.control, a.skip)
+                pair["audited"] = run(path, work, not a.control, a.skip)
                 on_thread += OnThread.per_step[a.skip : -1]  # the last step also waits for the final flush
                 writer += OnThread.writer_cpu
                 chain = work / "trace" / CHAIN  # the next plain run removes the trace
                 chain_bytes = chain.stat().st_size / a.steps if chain.exists() else 0.0  # start record included
+            plain += pair["plain"][0]
+            audited += pair["audited"][0]
+            for side in cpu:
+                cpu[side] += pair[side][1]
+            rounds.append(statistics.median(pair["audited"][0]) / statistics.median(pair["plain"][0]))
+        cpu_ratio = statistics.median(cpu["audited"]) / statistics.median(cpu["plain"])
         mp, ma = statistics.median(plain), statistics.median(audited)
         mean_p, mean_a = statistics.mean(plain), statistics.mean(audited)
         med_t, mean_t = (statistics.median(on_thread), statistics.mean(on_thread)) if on_thread else (0.0, 0.0)
         writer_t = statistics.mean(writer) if writer else 0.0
         results[kind] = {"median_ratio": ma / mp, "mean_ratio": mean_a / mean_p, "step_s": mp,
+                         "round_ratios": rounds, "paired_ratio": statistics.median(rounds), "paired_ci": median_ci(rounds),
+                         "cpu_ratio": cpu_ratio,
                          "on_thread_ms": 1000 * med_t, "chain_bytes_per_step": chain_bytes,
                          "writer_cpu_ms": 1000 * writer_t}  # fmt: skip
         print(f"{kind}: median step plain {mp:.3f} s, audited {ma:.3f} s, ratio {ma / mp:.3f}; "
-              f"mean ratio {mean_a / mean_p:.3f}; on the training thread per step: median {1000 * med_t:.1f} ms "
+              f"mean ratio {mean_a / mean_p:.3f}; per round (audited run / the plain run next to it, medians) "
+              f"{' '.join(f'{r:.3f}' for r in rounds)} -> median {statistics.median(rounds):.3f} "
+              f"(95 % bootstrap interval {median_ci(rounds)[0]:.3f}-{median_ci(rounds)[1]:.3f}); "
+              f"process CPU time per step (every thread), median audited / plain {cpu_ratio:.3f}; "
+              f"on the training thread per step: median {1000 * med_t:.1f} ms "
               f"({med_t / mp:.1%}), mean {1000 * mean_t:.1f} ms ({mean_t / mp:.1%}); writer thread CPU per step "
               f"{1000 * writer_t:.1f} ms ({writer_t / mp:.1%}); n={len(plain)}+{len(audited)} steps; commitments {chain_bytes:.0f} bytes/step; "
+              f"{contract.training.per_device_train_batch_size}x{contract.training.gradient_accumulation_steps} {contract.training.precision}; "
               f"audit {contract.audit}", flush=True)  # fmt: skip
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(base).parameters())
-    print(f"model: hidden {a.hidden}, {a.layers} layers, {params / 1e6:.1f} M parameters")
-    emit(a.json, {"record": results, "params_m": params / 1e6})
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"model: hidden {a.hidden}, {a.layers} layers, {params / 1e6:.1f} M parameters; trained on {where}")
+    emit(a.json, {"record": results, "params_m": params / 1e6, "device": where})
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -38,14 +38,19 @@ def bench_model(work: Path, hidden: int = 512, layers: int = 6) -> tuple[Path, s
     return base, digest
 
 
-def bench_contract(work: Path, kind: str, base: Path, digest: str, *, steps: int, **audit: Any) -> Path:
-    """``configs/<kind>.yaml`` pointed at ``base`` and the bundled dataset, ``steps`` steps, ``audit`` overrides."""
+def bench_contract(work: Path, kind: str, base: Path, digest: str, *, steps: int, name: str | None = None,
+                   sections: dict[str, dict[str, Any]] | None = None, **audit: Any) -> Path:
+    """``configs/<kind>.yaml`` pointed at ``base`` and the bundled dataset, ``steps`` steps, ``audit``
+    overrides; ``sections`` patches other sections (``{"training": {"precision": "bf16"}}``). Paths are
+    written relative to the contract file, so ``work`` can be moved (e.g. to a GPU machine)."""
     data = yaml.safe_load((REPO / "configs" / f"{kind}.yaml").read_text())
-    data["base_model"] = {"path": str(base), "digest": digest}
-    data["dataset"] = {"path": str(DEFAULT_DATASET), "digest": dataset_digest(DEFAULT_DATASET).hex()}
+    data["base_model"] = {"path": os.path.relpath(base, work), "digest": digest}
+    data["dataset"] = {"path": os.path.relpath(DEFAULT_DATASET, work), "digest": dataset_digest(DEFAULT_DATASET).hex()}
     data["training"]["max_steps"] = steps
     data["audit"].update(audit)
-    path = work / f"{kind}.yaml"
+    for section, values in (sections or {}).items():
+        data.setdefault(section, {}).update(values)
+    path = work / f"{name or kind}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
