@@ -57,8 +57,6 @@ def rows(r: dict) -> list[tuple[str, str, str, bool | None]]:
          f"{full['paired_ratio']:.3f} ({full['paired_ci'][0]:.3f}–{full['paired_ci'][1]:.3f})", "≤ 1.10", full["paired_ratio"] <= 1.10),
         ("recording, LoRA / full FT: audited / plain over all steps (median; mean)",
          f"{lora['median_ratio']:.3f} / {full['median_ratio']:.3f}; {lora['mean_ratio']:.3f} / {full['mean_ratio']:.3f}", "", None),
-        ("process CPU time per step (every thread), audited / plain (LoRA / full, median)",
-         f"{lora['cpu_ratio']:.3f} / {full['cpu_ratio']:.3f}", "", None),
         ("recorder CPU per step / step time (training thread + writer thread; LoRA / full)",
          f"{cpu['tiny-lora']:.1%} / {cpu['tiny-full']:.1%}", "", None),
         ("noise floor: plain / plain, same method (LoRA / full, median of per-round ratios; 95 % interval)",

@@ -2,6 +2,7 @@
 
     python scripts/bench_record.py [--hidden 512 --layers 6 --steps 12 --rounds 4] [--control]
         [--kinds tiny-lora] [--batch 16 --grad-accum 2 --precision bf16]
+    python scripts/bench_record.py --pool run1.json run2.json ...   # pool the rounds of earlier runs
 
 Builds a Llama-style base model large enough that one optimizer step takes >= 0.5 s on a
 2-core CPU, then alternates plain and audited runs of the same contract (LoRA and full
@@ -29,22 +30,21 @@ from aftune_hf.trace import CHAIN
 
 
 class StepTimer(transformers.TrainerCallback):
-    """Wall time and process CPU time (every thread) between consecutive step starts (includes
-    every callback's on_step_end)."""
+    """Wall time between consecutive step starts (includes every callback's on_step_end)."""
 
     def __init__(self) -> None:
-        self.starts: list[tuple[float, float]] = []
+        self.starts: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.starts.append((time.perf_counter(), time.process_time()))
+        self.starts.append(time.perf_counter())
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.starts.append((time.perf_counter(), time.process_time()))
+        self.starts.append(time.perf_counter())
 
-    def durations(self, skip: int, clock: int = 0) -> list[float]:
-        """Step times (``clock`` 0: wall, 1: CPU) without the warm-up steps and without the last
-        step (which also waits for the recorder's final flush, a one-off cost at the end of a run)."""
-        return [b[clock] - a[clock] for a, b in zip(self.starts, self.starts[1:])][skip:-1]
+    def durations(self, skip: int) -> list[float]:
+        """Step times without the warm-up steps and without the last step (which also waits
+        for the recorder's final flush, a one-off cost at the end of a run)."""
+        return [b - a for a, b in zip(self.starts, self.starts[1:])][skip:-1]
 
 
 class OnThread:
@@ -96,8 +96,8 @@ def median_ci(values: list[float], *, resamples: int = 2000, seed: int = 0) -> t
     return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
 
 
-def run(contract_path: Path, work: Path, audited: bool, skip: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU step times of one run; an audited run leaves its trace in ``work / "trace"``."""
+def run(contract_path: Path, work: Path, audited: bool, skip: int) -> list[float]:
+    """Step times of one run; an audited run leaves its trace in ``work / "trace"``."""
     contract = load_contract(contract_path)
     parts = build(contract, str(work / "out"), disable_tqdm=True, logging_steps=1000)
     timer = StepTimer()
@@ -107,7 +107,22 @@ def run(contract_path: Path, work: Path, audited: bool, skip: int) -> tuple[list
     if audited:
         callbacks.append(AuditCallback(contract, trace))
     transformers.Trainer(**parts.trainer_kwargs(), callbacks=callbacks).train()
-    return timer.durations(skip), timer.durations(skip, clock=1)
+    return timer.durations(skip)
+
+
+def pool(paths: list[str]) -> int:
+    """Median and 95 % interval of the per-round ratios of several runs together."""
+    import json
+
+    rounds: dict[str, list[float]] = {}
+    for path in paths:
+        for kind, r in json.loads(Path(path).read_text())["record"].items():
+            rounds.setdefault(kind, []).extend(r["round_ratios"])
+    for kind, values in rounds.items():
+        lo, hi = median_ci(values)
+        print(f"{kind}: {len(values)} rounds from {len(paths)} runs: median audited / plain {statistics.median(values):.3f} "
+              f"(95 % bootstrap interval {lo:.3f}-{hi:.3f}); per-round spread {min(values):.3f}-{max(values):.3f}")  # fmt: skip
+    return 0
 
 
 def main() -> int:
@@ -121,7 +136,11 @@ def main() -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the config's (fp32)")
     ap.add_argument("--control", action="store_true",
                     help="A/A run: the 'audited' side trains without the recorder too (measures the noise floor)")
+    ap.add_argument("--pool", nargs="+", metavar="JSON",
+                    help="do not run: pool the per-round ratios of earlier runs (their --json files) per kind")
     a = ap.parse_args()
+    if a.pool:
+        return pool(a.pool)
     transformers.logging.set_verbosity_error()
     OnThread.install()
     work = Path(tempfile.mkdtemp(prefix="aftune-bench-"))
@@ -134,7 +153,6 @@ def main() -> int:
         path = bench_contract(work, kind, base, digest, steps=a.steps, sections={"training": training}, **audit)
         contract = load_contract(path)
         plain, audited, on_thread, writer, rounds, chain_bytes = [], [], [], [], [], 0.0
-        cpu: dict[str, list[float]] = {"plain": [], "audited": []}
         for i in range(a.rounds):  # interleaved, order alternating (ABBA): drift and order hit both sides alike
             pair = {}
             for audited_side in ((False, True) if i % 2 == 0 else (True, False)):
@@ -147,26 +165,21 @@ def main() -> int:
                 writer += OnThread.writer_cpu
                 chain = work / "trace" / CHAIN  # the next plain run removes the trace
                 chain_bytes = chain.stat().st_size / a.steps if chain.exists() else 0.0  # start record included
-            plain += pair["plain"][0]
-            audited += pair["audited"][0]
-            for side in cpu:
-                cpu[side] += pair[side][1]
-            rounds.append(statistics.median(pair["audited"][0]) / statistics.median(pair["plain"][0]))
-        cpu_ratio = statistics.median(cpu["audited"]) / statistics.median(cpu["plain"])
+            plain += pair["plain"]
+            audited += pair["audited"]
+            rounds.append(statistics.median(pair["audited"]) / statistics.median(pair["plain"]))
         mp, ma = statistics.median(plain), statistics.median(audited)
         mean_p, mean_a = statistics.mean(plain), statistics.mean(audited)
         med_t, mean_t = (statistics.median(on_thread), statistics.mean(on_thread)) if on_thread else (0.0, 0.0)
         writer_t = statistics.mean(writer) if writer else 0.0
         results[kind] = {"median_ratio": ma / mp, "mean_ratio": mean_a / mean_p, "step_s": mp,
                          "round_ratios": rounds, "paired_ratio": statistics.median(rounds), "paired_ci": median_ci(rounds),
-                         "cpu_ratio": cpu_ratio,
                          "on_thread_ms": 1000 * med_t, "chain_bytes_per_step": chain_bytes,
                          "writer_cpu_ms": 1000 * writer_t}  # fmt: skip
         print(f"{kind}: median step plain {mp:.3f} s, audited {ma:.3f} s, ratio {ma / mp:.3f}; "
               f"mean ratio {mean_a / mean_p:.3f}; per round (audited run / the plain run next to it, medians) "
               f"{' '.join(f'{r:.3f}' for r in rounds)} -> median {statistics.median(rounds):.3f} "
               f"(95 % bootstrap interval {median_ci(rounds)[0]:.3f}-{median_ci(rounds)[1]:.3f}); "
-              f"process CPU time per step (every thread), median audited / plain {cpu_ratio:.3f}; "
               f"on the training thread per step: median {1000 * med_t:.1f} ms "
               f"({med_t / mp:.1%}), mean {1000 * mean_t:.1f} ms ({mean_t / mp:.1%}); writer thread CPU per step "
               f"{1000 * writer_t:.1f} ms ({writer_t / mp:.1%}); n={len(plain)}+{len(audited)} steps; commitments {chain_bytes:.0f} bytes/step; "
