@@ -259,17 +259,19 @@ class AuditCallback(StepObserver):
         staged: list = []
         try:  # phase 1 reads the live tensors: hash them, write them to temp files
             params, copied = on_host(params)  # on a GPU: one copy to the CPU, then training may go on
+            optimizer = None
             if anchor is not None:
-                optimizer, copied_too = on_host(anchor.optimizer)
-                anchor, copied = dataclasses.replace(anchor, params=params, optimizer=optimizer), copied or copied_too
+                optimizer, optimizer_copied = on_host(anchor.optimizer)
+                copied = copied or optimizer_copied
             if copied:
                 self._reads_done.set()
             fields = {**fields, "state": D.state_digest(params), "checkpoint": checkpoint}
             if checkpoint:
                 staged += self.writer.stage_checkpoint(fields["step"], params)
             digest = None
-            if anchor is not None:  # its params are these same live tensors: hashed once, just above
-                digest, files = self.writer.stage_anchor(dataclasses.replace(anchor, params_state=fields["state"]))
+            if anchor is not None:  # its params are the tensors hashed just above: hashed once
+                anchor = dataclasses.replace(anchor, params=params, optimizer=optimizer, params_state=fields["state"])
+                digest, files = self.writer.stage_anchor(anchor)
                 staged += files
         except BaseException:
             for tmp, _ in staged:

@@ -30,13 +30,13 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from aftune_hf.contract import load_contract
+from aftune_hf.contract import Contract, load_contract
 from aftune_hf.dist import all_gather_bytes
 from aftune_hf.errors import AftuneError, ProviderFault
 from aftune_hf.replay import sanitized_env
 from aftune_hf.report import ERROR, FAIL, PASS, VerificationReport, merge_reports, report_from_json
-from aftune_hf.trace import TraceReader
-from aftune_hf.verify import check_windows, make_challenge, window_failures
+from aftune_hf.trace import Integrity, TraceReader
+from aftune_hf.verify import Challenge, check_windows, make_challenge, window_failures
 
 
 def parse() -> argparse.Namespace:
@@ -51,13 +51,14 @@ def parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def shard_windows(trace: str, contract: str, nonce: str, windows: int | None) -> list[int] | None:
-    """The challenged window indices, or None if the trace does not even parse (main reports it)."""
+def challenge_of(trace: str, c: Contract, nonce: str, windows: int | None) -> tuple[TraceReader, Integrity, Challenge] | None:
+    """The trace's reader, integrity and challenge, or None if the trace does not even parse (main reports it)."""
     try:
-        root = TraceReader(trace).check_integrity().trace_root
+        reader = TraceReader(trace)
+        integrity = reader.check_integrity()
     except AftuneError:
         return None
-    return list(make_challenge(load_contract(contract), root, bytes.fromhex(nonce), windows).chosen)
+    return reader, integrity, make_challenge(c, integrity.trace_root, bytes.fromhex(nonce), windows)
 
 
 def run_shard(a: argparse.Namespace, nonce: str, only: list[int], data_check: bool) -> VerificationReport:
@@ -88,37 +89,35 @@ def main() -> int:
         return 2
     drawn = (a.nonce or os.urandom(16).hex()).encode()
     nonce = all_gather_bytes(drawn, state.device)[0].decode()  # the main process's nonce, for everyone
-    chosen = shard_windows(a.trace, a.contract, nonce, a.windows)
     contract = load_contract(a.contract)
+    checked = challenge_of(a.trace, contract, nonce, a.windows)
     if contract.training.world_size > 1 and contract.audit.mode == "exact":
-        return finish(a, state, verify_as_recorded(a, state, nonce, chosen or []))
-    if chosen is None:  # structural failure: the main process reports it
+        return finish(a, state, verify_as_recorded(a, state, contract, nonce, checked))
+    if checked is None:  # structural failure: the main process reports it
         mine, data_check = [], state.is_main_process
     else:
-        with state.split_between_processes(chosen) as part:
+        with state.split_between_processes(list(checked[2].chosen)) as part:
             mine = list(part)
         data_check = state.is_main_process
     report = run_shard(a, nonce, mine, data_check) if (mine or data_check) else None
     return finish(a, state, report)
 
 
-def verify_as_recorded(a: argparse.Namespace, state: PartialState, nonce: str, chosen: list[int]) -> VerificationReport | None:
+def verify_as_recorded(a: argparse.Namespace, state: PartialState, c: Contract, nonce: str,
+                       checked: tuple[TraceReader, Integrity, Challenge] | None) -> VerificationReport | None:  # fmt: skip
     """Every process replays every window together as DDP; the main process adds structure and data
     and returns the report (the others return None, or their ERROR)."""
-    c = load_contract(a.contract)
     if state.num_processes != c.training.world_size:
         return VerificationReport(ERROR, c.digest_hex(), c.audit.mode, nonce=nonce, error=(
             f"the trace was recorded by {c.training.world_size} processes; exact replay needs as many "
             f"(accelerate launch --num_processes {c.training.world_size}), {state.num_processes} started"))  # fmt: skip
     windows = []
     try:
-        if chosen:
-            reader = TraceReader(a.trace)
-            integrity = reader.check_integrity()
-            challenge = make_challenge(c, integrity.trace_root, bytes.fromhex(nonce), a.windows)
+        if checked is not None and checked[2].chosen:
+            reader, integrity, challenge = checked
             with tempfile.TemporaryDirectory(prefix=f"aftune-verify-rank{state.process_index}-") as tmp:
-                windows = check_windows(c, reader, integrity, challenge, chosen, Path(tmp), distributed=True,
-                                        progress=state.is_main_process)  # fmt: skip
+                windows = check_windows(c, reader, integrity, challenge, list(challenge.chosen), Path(tmp),
+                                        distributed=True, progress=state.is_main_process)  # fmt: skip
     except ProviderFault:
         windows = []  # the main process's structural check reports it as FAIL
     except (AftuneError, OSError, MemoryError) as e:

@@ -1,4 +1,4 @@
-"""Run by tests/test_accelerate.py under `accelerate launch` (two CPU processes on gloo): record a DDP run.
+"""Run by tests/test_ddp.py under `accelerate launch` (two CPU processes on gloo): record a DDP run.
 
     accelerate launch --multi_gpu --num_processes 2 ... tests/ddp_record.py CONTRACT TRACE [--poison-rank R] [--fail-rank R]
 
