@@ -148,5 +148,7 @@ def finish(a: argparse.Namespace, state: PartialState, report: VerificationRepor
 
 if __name__ == "__main__":
     code = main()
-    PartialState().wait_for_everyone()
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a clean teardown: CI once saw one process abort (SIGABRT) at exit without it
     raise SystemExit(code)
