@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract import Contract, load_contract
+from .derive import derive_expected
 from .replay import replay_window
 from .trace import TraceReader
 from .verify import _distance, window_bounds
@@ -36,10 +37,11 @@ def calibrate(
     bounds = window_bounds(c)[: windows or None]
     per_step: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="aftune-calibrate-") as tmp:
+        expected = derive_expected(c, Path(tmp) / "expected")
         for i, (start, end) in enumerate(bounds):
             anchor = reader.anchor(start, schema) if start else None
-            _, replayed = replay_window(c, start, end, anchor, Path(tmp) / f"w{i}", keep_params=True)
-            for r in replayed:
+            replay = replay_window(c, start, end, anchor, Path(tmp) / f"w{i}", expected, keep_params=True)
+            for r in replay.steps:
                 s = r.fields["step"]
                 if steps[s]["checkpoint"]:
                     per_step[s] = _distance(r.params, reader.checkpoint(s, schema))[0]

@@ -10,8 +10,9 @@
     aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C]
     TRACE and LOG may be hf://[datasets/]OWNER/NAME@COMMIT_SHA (downloaded at that commit only).
 
-Exit codes: 0 success, 1 the trace failed a check (provider fault), 2 usage or
-environment error. Set ``AFTUNE_DEBUG=1`` for tracebacks.
+Exit codes: 0 success (PASS), 1 the trace failed a check (provider fault), 2 usage or
+environment error, 3 INCONCLUSIVE (every check passed, but fewer windows than the contract's
+``audit.min_detection`` needs). Set ``AFTUNE_DEBUG=1`` for tracebacks.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def _inspect(args: argparse.Namespace) -> int:
     for r in steps:
         print(f"{r['step']:>6} {hex_float(r, 'loss'):>10.4f} {hex_float(r, 'lr'):>10.3g}  {r['data'][:16]}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -197,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace")
     p.add_argument("--contract", required=True, help="your own copy of the contract")
     p.add_argument("--nonce", help="challenge nonce (hex); drawn at random and printed when absent")
-    p.add_argument("--windows", type=int, help="windows to re-execute (default: the contract's audit.windows)")
+    p.add_argument("--windows", type=_positive_int, help="windows to re-execute, >= 1 (default: the contract's audit.windows)")
     p.add_argument("--model", help="the weights or adapter you received; must equal the trace's final state")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--html", help="write a self-contained HTML report here")

@@ -104,6 +104,8 @@ class Audit:
     windows: int = 4
     inference_calls: int = 8
     inference_rtol: float = 1e-4
+    min_detection: float = 0.9  # a PASS must catch a provider who falsified detect_fraction of the windows this surely
+    detect_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ class Contract:
             raise ConfigError("invalid_value", "training.learning_rate must be positive")
         if a.tolerance < 0 or not math.isfinite(a.tolerance):
             raise ConfigError("invalid_value", "audit.tolerance must be >= 0")
+        if not 0 <= a.min_detection <= 1:
+            raise ConfigError("invalid_value", "audit.min_detection must be in [0, 1]")
+        if not 0 < a.detect_fraction <= 1:
+            raise ConfigError("invalid_value", "audit.detect_fraction must be in (0, 1]")
 
     # -- loading ---------------------------------------------------------------------------
 

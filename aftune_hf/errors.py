@@ -91,6 +91,10 @@ class VerifierEnvironmentError(AftuneError):
     """The verifier itself could not run (local disk, memory, missing dependency)."""
 
 
+class ClientArtifactError(VerifierEnvironmentError):
+    """The client's own base model, dataset or recipe does not match the client's contract."""
+
+
 class FetchError(AftuneError):
     """A download from the Hub failed for network reasons (retryable)."""
 
@@ -108,6 +112,7 @@ class TraceLockedError(RecorderError):
 
 __all__ = [
     "AftuneError",
+    "ClientArtifactError",
     "CommitmentError",
     "ConfigError",
     "ContractViolationError",

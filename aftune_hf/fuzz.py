@@ -141,30 +141,59 @@ def _set(obj: Any, path: tuple, value: Any) -> None:
 
 
 def reseal(root: Path) -> None:
-    """Recompute every commitment a provider controls (chain hashes, Merkle root, file digests,
-    trace root) after a mutation, as a forger would: only the semantic checks and re-execution
-    can still tell. Best effort: parts that no longer parse are left as they are."""
+    """Recompute every commitment a provider controls after a mutation, as a forger would: anchor
+    digests and state digests in the records, chain hashes, Merkle root, the card, file digests
+    and the trace root. Only the semantic checks and re-execution can still tell. Best effort:
+    parts that no longer parse are left as they are."""
     from . import digest as D
     from . import records as R
+    from .card import render_card
 
     try:
         header = json.loads((root / "aftune_trace.json").read_text())
         head = D.chain_start(bytes.fromhex(header["contract_digest"]), header["run_id"])
         entries = []
         for i, line in enumerate((root / "chain.jsonl").read_text().splitlines(), 1):
-            e = R.link(head, i, json.loads(line)["record"])
+            record = json.loads(line)["record"]
+            _restate(root, record)
+            e = R.link(head, i, record)
             entries.append(e)
             head = e.chain
         (root / "chain.jsonl").write_bytes(b"".join(e.line() for e in entries))
         rootfile = json.loads((root / "root.json").read_text())
-        files = {p.relative_to(root).as_posix(): D.file_digest(p).hex()
-                 for p in sorted(root.rglob("*")) if p.is_file() and p.name != "root.json"}  # fmt: skip
         steps = [e.record for e in entries if e.record["kind"] != "resume"]
         rootfile.update(chain_head=head.hex(), records_root=D.RECORD_TREE.root_from_hashes([e.leaf for e in entries]).hex(),
-                        num_records=len(entries), files=files, final_state=steps[-1]["state"],
+                        num_records=len(entries), final_state=steps[-1]["state"],
                         num_steps=max(r["step"] for r in steps))  # fmt: skip
+        (root / "README.md").write_text(render_card(header, rootfile), encoding="utf-8")
+        rootfile["files"] = {p.relative_to(root).as_posix(): D.file_digest(p).hex()
+                             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "root.json"}  # fmt: skip
         rootfile.pop("trace_root", None)
         rootfile["trace_root"] = D.trace_root(rootfile).hex()
         (root / "root.json").write_bytes(D.canonical_json(rootfile))
     except Exception:  # noqa: BLE001 - a forger who cannot reseal leaves the mutation as it is
         return
+
+
+def _restate(root: Path, record: dict[str, Any]) -> None:
+    """Make a record's state and anchor digests those of the (possibly mutated) files it names."""
+    from safetensors.torch import load_file
+
+    from . import digest as D
+
+    step = record.get("step")
+    if record.get("kind") == "step" and record.get("checkpoint"):
+        try:
+            record["state"] = D.state_digest(load_file(root / f"checkpoints/step-{step:08d}.safetensors")).hex()
+        except Exception:  # noqa: BLE001
+            pass
+    if record.get("anchor") is None:
+        return
+    d = root / f"anchors/step-{step:08d}"
+    try:
+        parts = {p: D.state_digest(load_file(d / f"{p}.safetensors")) for p in ("params", "optimizer", "rng")}
+        parts["meta"] = D.json_digest(json.loads((d / "anchor.json").read_text()))
+    except Exception:  # noqa: BLE001
+        return
+    record["anchor"] = D.anchor_digest(parts).hex()
+    record["state"] = parts["params"].hex()

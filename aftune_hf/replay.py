@@ -23,18 +23,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import digest as D
 from .observe import StepObserver
 from .contract import Contract, Recipe, load_recipe
-from .dist import OTHER_ERROR, PROVIDER_FAULT, all_gather_bytes, exchange, merge_steps, pack_step
+from .dist import OTHER_ERROR, PROVIDER_FAULT, all_gather_bytes, anchor_with_ranks, exchange, merge_steps, pack_step, rank_rng_bytes
 from .errors import ReplayMismatchError, VerifierEnvironmentError
-from .live import snapshot, trainable_params, unwrap
-from .statecodec import optimizer_param_names
+from .live import make_anchor, snapshot, trainable_params, unwrap
+from .statecodec import decode_optimizer, from_json_value, optimizer_param_names, to_json_value
 from .trace import Anchor, check_schema, schema_of
+
+if TYPE_CHECKING:
+    from .derive import Expected
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A re-executed window: the trainable-state digest it started from, every step, and the full
+    state (as an :class:`Anchor`) at its start (step 0 only: the recipe's initial state) and end."""
+
+    initial_state: bytes
+    steps: list[ReplayedStep]
+    start: Anchor | None
+    end: Anchor | None
 
 
 @dataclass(frozen=True)
@@ -49,31 +63,43 @@ class ReplayedStep:
 class ReplayObserver(StepObserver):
     """Observe steps ``start+1 .. end``, then stop the Trainer."""
 
-    def __init__(self, end: int, keep_params: bool, gather: bool = False) -> None:
+    def __init__(self, start: int, end: int, keep_params: bool, gather: bool = False) -> None:
         super().__init__()
-        self.end = end
+        self.start, self.end = start, end
         self.keep_params = keep_params
         self.gather = gather  # a multi-process replay: merge every rank's share as the recorder did
         self.steps: list[ReplayedStep] = []
         self.initial_state: bytes | None = None
+        self.start_state: Anchor | None = None
+        self.end_state: Anchor | None = None
         self._t0 = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
         super().on_step_begin(args, state, control, **kwargs)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         self.initial_state = D.state_digest(trainable_params(model))
+        if self.start == 0:  # the contract's full initial state, as the recorder's step-0 anchor holds it
+            self.start_state = self._full_state(0, model, optimizer, lr_scheduler, state, args)
         self.capture.install(unwrap(model))
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         fields, params = self.observe(state, model)
         if self.gather:
             fields, _ = merge_steps(fields, all_gather_bytes(pack_step(fields), args.device))
         seconds = time.perf_counter() - self._t0
         self.steps.append(ReplayedStep(fields, snapshot(params) if self.keep_params else None, seconds))
         if state.global_step >= self.end:
+            self.end_state = self._full_state(state.global_step, model, optimizer, lr_scheduler, state, args)
             control.should_training_stop = True
+
+    def _full_state(self, step: int, model, optimizer, lr_scheduler, state, args) -> Anchor:
+        """What the recorder's anchor at ``step`` holds, taken the way the recorder takes it."""
+        anchor = make_anchor(step, model, optimizer, lr_scheduler, state)
+        if self.gather:  # every rank's RNG, as the recorder's main process gathers them
+            anchor = anchor_with_ranks(anchor, all_gather_bytes(rank_rng_bytes(args.world_size), args.device))
+        return anchor
 
     def on_train_end(self, args, state, control, **kwargs):
         self.capture.remove()
@@ -160,12 +186,6 @@ def by_rank(batches: list[bytes], world_size: int) -> list[list[bytes]]:
     return [batches[r::world_size] for r in range(world_size)]
 
 
-def initial_state(contract: Contract, workdir: Path) -> tuple[bytes, dict[str, tuple[str, tuple[int, ...]]]]:
-    """Digest and schema of the trainable tensors the recipe starts from (before step 1)."""
-    params = trainable_params(build_recipe(contract, workdir).model)
-    return D.state_digest(params), schema_of(params)
-
-
 _DEVICE_RNG = ("cuda", "npu", "hpu", "mlu", "musa", "xpu")
 
 
@@ -185,8 +205,10 @@ def trainer_rng(states: dict[str, Any], distributed: bool) -> dict[str, Any]:
     return out
 
 
-def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
-    """Write a Trainer ``checkpoint-N`` directory from a parsed anchor (our own files only)."""
+def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path, expected: Expected) -> None:
+    """Write a Trainer ``checkpoint-N`` directory (our own files only): the optimizer's options, the
+    scheduler and the trainer counters from the contract (``expected``); from the anchor only what
+    cannot be derived -- trainable tensors, per-parameter optimizer state, RNG."""
     model = unwrap(trainer.model)
     params = trainable_params(model)
     check_schema(anchor.params, schema_of(params), path=f"anchors/step-{anchor.step:08d}/params.safetensors")
@@ -205,8 +227,10 @@ def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
     recorded = [n for g in groups or [] if isinstance(g, dict) for n in g.get("params", [])]
     if recorded != names:
         raise ReplayMismatchError("optimizer_mismatch", "anchor optimizer groups differ from the recipe's", step=anchor.step)
-    torch.save(anchor.optimizer_state_dict(), ckpt / "optimizer.pt")
-    torch.save(anchor.scheduler_state(), ckpt / "scheduler.pt")
+    carried = anchor.optimizer_state_dict()["state"]
+    derived = decode_optimizer({}, {"param_groups": expected.groups[anchor.step], "scalars": to_json_value({})})
+    torch.save({"state": carried, "param_groups": derived["param_groups"]}, ckpt / "optimizer.pt")
+    torch.save(from_json_value(expected.scheduler[anchor.step]), ckpt / "scheduler.pt")
     from transformers.training_args import ParallelMode
 
     distributed = trainer.args.parallel_mode == ParallelMode.DISTRIBUTED
@@ -215,7 +239,11 @@ def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path) -> None:
     else:  # what the Trainer saves and loads per process
         for rank in range(anchor.world_size):
             torch.save(trainer_rng(anchor.rng_state(rank), distributed), ckpt / f"rng_state_{rank}.pth")
-    (ckpt / "trainer_state.json").write_text(json.dumps(anchor.trainer_state()), encoding="utf-8")
+    recorded = anchor.trainer_state()
+    tokens = recorded.get("num_input_tokens_seen", 0) if isinstance(recorded, dict) else 0
+    state = {"global_step": anchor.step, "max_steps": trainer.args.max_steps, "train_batch_size": expected.train_batch_size,
+             "num_input_tokens_seen": tokens if type(tokens) is int and tokens >= 0 else 0}  # fmt: skip
+    (ckpt / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 
 def replay_window(
@@ -224,11 +252,13 @@ def replay_window(
     end: int,
     anchor: Anchor | None,
     workdir: Path,
+    expected: Expected,
     *,
     keep_params: bool = False,
     distributed: bool = False,
-) -> tuple[bytes, list[ReplayedStep]]:
-    """Re-execute steps ``start+1 .. end``; return the state digest it started from and the steps.
+) -> Replay:
+    """Re-execute steps ``start+1 .. end`` from the anchor at ``start``; ``expected`` is the
+    contract's derivable state (:func:`aftune_hf.derive.derive_expected`).
 
     ``anchor`` is required for ``start > 0``; ``start == 0`` trains from the recipe's initial state.
     ``distributed``: every process of a ``world_size`` launch calls this together (DDP replay; each
@@ -238,7 +268,7 @@ def replay_window(
 
     workdir.mkdir(parents=True, exist_ok=True)
     parts = build_recipe(contract, workdir / "out", distributed=distributed)
-    observer = ReplayObserver(end, keep_params, gather=distributed)
+    observer = ReplayObserver(start, end, keep_params, gather=distributed)
     if distributed:
         trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[observer])
     else:
@@ -250,7 +280,7 @@ def replay_window(
     try:
         if start > 0:
             resume = workdir / f"checkpoint-{start}"
-            materialize_checkpoint(trainer, anchor, resume)
+            materialize_checkpoint(trainer, anchor, resume, expected)
     except BaseException as e:
         if distributed:  # the other processes must not start a DDP run this one will not join
             _agree(trainer, e)
@@ -261,7 +291,7 @@ def replay_window(
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if observer.initial_state is None:  # pragma: no cover - Trainer always calls on_train_begin
         raise RuntimeError("the Trainer did not start")
-    return observer.initial_state, observer.steps
+    return Replay(observer.initial_state, observer.steps, observer.start_state, observer.end_state)
 
 
 def _agree(trainer: Any, error: BaseException | None) -> None:

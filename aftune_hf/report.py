@@ -17,6 +17,7 @@ from typing import Any
 from .safeio import atomic_write_bytes
 
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
+INCONCLUSIVE = "INCONCLUSIVE"  # every check passed, but the checks were too few for the contract's audit.min_detection
 
 
 def detection_probability(n: int, k: int, bad: int) -> float:
@@ -62,6 +63,8 @@ class WindowResult:
     seconds: float
     steps: tuple[StepCheck, ...] = ()
     failure: str = ""
+    start_state: str = ""  # window 0: how the step-0 anchor differs from the contract's initial state
+    end_state: str = ""  # how the replayed full end state differs from the anchor that closes the window
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,12 @@ class Detection:
     windows_checked: int
     by_fraction: dict[str, float] = field(default_factory=dict)
     min_fraction_99: float = 1.0
+    fraction: float = 0.1  # the contract's audit.detect_fraction
+    achieved: float = 1.0  # probability of catching a provider who falsified that fraction of the windows
+    required: float = 0.0  # the contract's audit.min_detection
 
     @classmethod
-    def compute(cls, n: int, k: int) -> Detection:
+    def compute(cls, n: int, k: int, fraction: float = 0.1, required: float = 0.0) -> Detection:
         """Conservative: the provider knows the first and last windows are always checked and
         falsifies only middle windows, of which ``k - 2`` of ``n - 2`` are sampled uniformly."""
         always = min(2, n)
@@ -109,7 +115,7 @@ class Detection:
 
         by = {f"{f:.2f}": p(f) for f in (0.01, 0.05, 0.10)}
         min_f = next((b / n for b in range(1, n + 1) if p(b / n) >= 0.99), 1.0) if n else 1.0
-        return cls(n, k, by, min_f)
+        return cls(n, k, by, min_f, fraction, p(fraction), required)
 
 
 def plan(steps: int, anchor_every: int, bad_fraction: float, confidence: float) -> dict[str, float | int]:
@@ -163,7 +169,7 @@ class VerificationReport:
 
     @property
     def exit_code(self) -> int:
-        return {PASS: 0, FAIL: 1}.get(self.verdict, 2)
+        return {PASS: 0, FAIL: 1, INCONCLUSIVE: 3}.get(self.verdict, 2)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +201,10 @@ class VerificationReport:
             probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())
             lines.append(f"  detection ({d.windows_checked}/{d.windows_total} windows): {probs}; "
                          f">=99% for f >= {d.min_fraction_99:.1%}")  # fmt: skip
+            if self.verdict == INCONCLUSIVE:
+                lines.insert(1, f"  no cheat found, but too few windows: a provider who falsified {d.fraction:.0%} of the "
+                             f"windows is caught with {d.achieved:.1%}, the contract requires {d.required:.0%} "
+                             f"(audit.min_detection); re-run with more --windows")  # fmt: skip
         if self.nonce:
             lines.append(f"  nonce {self.nonce}")
         return "\n".join(lines)
@@ -228,7 +238,7 @@ def merge_reports(parts: list[VerificationReport]) -> VerificationReport:
         raise ValueError("nothing to merge")
     first = parts[0]
     verdicts = {p.verdict for p in parts}
-    verdict = FAIL if FAIL in verdicts else ERROR if ERROR in verdicts else PASS
+    verdict = next((v for v in (FAIL, ERROR, INCONCLUSIVE) if v in verdicts), PASS)
     windows = tuple(sorted((w for p in parts for w in p.windows), key=lambda w: w.index))
     failures = tuple(f for p in parts for f in p.failures)
     errors = [p.error for p in parts if p.error]

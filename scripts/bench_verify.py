@@ -66,11 +66,14 @@ def main() -> int:
         train_s = sum(timer.times.values())
         print(f"{kind}: {a.steps} steps trained in {train_s:.1f} s; structural check {structural:.2f} s; "
               f"data check of {n} steps {data_s:.2f} s ({data_s / train_s:.1%} of training)")  # fmt: skip
+        from aftune_hf.derive import derive_expected
+
+        expected = derive_expected(contract, work / kind / "x")
         ratios = []
         for i, (s, e) in enumerate(window_bounds(contract)):
             t = time.perf_counter()
             anchor = reader.anchor(s, reader.schema()) if s else None
-            _, steps = replay_window(contract, s, e, anchor, work / kind / f"w{i}")
+            steps = replay_window(contract, s, e, anchor, work / kind / f"w{i}", expected).steps
             wall = time.perf_counter() - t
             replay = sum(x.seconds for x in steps)
             original = sum(timer.times[x] for x in range(s + 1, e + 1))

@@ -65,3 +65,45 @@ class SwapTrainer(transformers.Trainer):
         if step == self.swap_at + 1:
             return self._held
         return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+ANCHOR_EDITS = ("lr_zero", "lr_double", "weight_decay", "maximize", "betas", "moments", "one_moment")
+
+
+class AnchorEdit(transformers.TrainerCallback):
+    """A provider editing the optimizer / scheduler state at an anchor step, just before the
+    recorder captures the anchor; training then goes on from the edited state, so every later step
+    is consistent with it (issue 14: torch restored such edits on replay and the trace PASSed).
+    List it *before* the AuditCallback. ``kind`` is one of :data:`ANCHOR_EDITS`."""
+
+    def __init__(self, kind: str, step: int) -> None:
+        if kind not in ANCHOR_EDITS:
+            raise ValueError(kind)
+        self.kind, self.step = kind, step
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        if state.global_step != self.step:
+            return
+        opt = getattr(optimizer, "optimizer", optimizer)
+        if self.kind in ("lr_zero", "lr_double"):  # the schedule's base too, or the scheduler would undo it
+            f = 0.0 if self.kind == "lr_zero" else 2.0
+            for g in opt.param_groups:
+                g["lr"] *= f
+                g["initial_lr"] *= f
+            lr_scheduler.base_lrs = [b * f for b in lr_scheduler.base_lrs]
+            lr_scheduler._last_lr = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            if self.kind == "weight_decay":
+                g["weight_decay"] = 0.0
+            if self.kind == "maximize":
+                g["maximize"] = True
+            if self.kind == "betas":
+                g["betas"] = (0.5, g["betas"][1])
+        states = [opt.state[p] for g in opt.param_groups for p in g["params"] if p in opt.state]
+        with torch.no_grad():
+            if self.kind == "moments":
+                for s in states:
+                    s["exp_avg_sq"].mul_(1e6)
+            if self.kind == "one_moment":
+                states[0]["exp_avg"].zero_()
+                states[0]["exp_avg_sq"].fill_(1.0)
