@@ -187,6 +187,19 @@ def tensors_close(x: Any, y: Any, tolerance: float | None) -> bool:
     return float((xd - yd).norm()) <= tolerance * max(den, 1e-30)
 
 
+def moments_distance(replayed: Anchor, recorded: Anchor) -> float:
+    """Largest per-tensor relative L2 distance between two anchors' floating optimizer tensors
+    (what tolerance mode bounds at a window's end; ``aftune calibrate`` reports it)."""
+    worst = 0.0
+    for name, y in recorded.optimizer.items():
+        x = replayed.optimizer.get(name)
+        if x is None or not y.is_floating_point() or y.dim() == 0 or x.shape != y.shape:
+            continue
+        diff = float((x.double() - y.double()).norm())
+        worst = max(worst, diff / max(float(y.double().norm()), 1e-30) if diff else 0.0)
+    return worst
+
+
 _DEVICE_KEYS = ("cuda", "npu", "hpu", "mlu", "musa", "xpu")
 
 

@@ -175,6 +175,14 @@ _TORCH_DTYPES = {
 }
 
 
+_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def dtype_size(name: str) -> int:
+    """Bytes per element of a safetensors dtype name (1 for the 8-bit and bool types)."""
+    return _SIZES.get(name, 1)
+
+
 def dtype_name(dtype: Any) -> str:
     """safetensors name (``"F32"``, ``"BF16"``, ...) of a torch dtype."""
     name = str(dtype).removeprefix("torch.")

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KINDS = ("flip", "truncate", "drop", "duplicate", "rename", "json_edit", "swap")
+KINDS = ("flip", "truncate", "drop", "duplicate", "rename", "json_edit", "swap", "anchor_state")
+# what an anchor_state mutation edits: optimizer moments, RNG tensors, or a value in the anchor's JSON
+ANCHOR_TARGETS = ("optimizer", "rng", "meta")
 JSON_VALUES: tuple[Any, ...] = (None, 0, -1, 2**53 + 1, "", "x" * 64, "0" * 64, [], {}, True, 1.5, {"float": "nan"})
 
 
@@ -88,9 +90,61 @@ def apply_mutation(root: Path, m: Mutation) -> str:
         x.write_bytes(by)
         y.write_bytes(bx)
         return f"swap {x.relative_to(root).as_posix()} and {y.relative_to(root).as_posix()}"
+    if m.kind == "anchor_state":
+        anchors = sorted(p for p in root.glob("anchors/step-*") if p.is_dir())
+        if anchors:
+            return _anchor_state(root, anchors[m.a % len(anchors)], m)
     # fall back to a bit flip in the first byte so every mutation changes something
     f.write_bytes(bytes([data[0] ^ 1]) + data[1:] if data else b"x")
     return f"flip the first byte of {rel}"
+
+
+def _anchor_state(root: Path, anchor: Path, m: Mutation) -> str:
+    """A semantic edit of an anchor's non-parameter state (valid files, plausible values)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = ANCHOR_TARGETS[m.b % len(ANCHOR_TARGETS)]
+    rel = anchor.relative_to(root).as_posix()
+    if target in ("optimizer", "rng"):
+        f = anchor / f"{target}.safetensors"
+        tensors = load_file(f)
+        if tensors:
+            name = sorted(tensors)[m.c % len(tensors)]
+            t = tensors[name].clone()
+            flat = t.view(-1)
+            i = (m.b // 3) % max(1, flat.numel())
+            if flat.numel() == 0:
+                pass
+            elif t.is_floating_point():
+                how = m.c % 4
+                flat[i] = [flat[i] * (1 + 2**-20), flat[i] + 1e-12, torch.zeros(()), flat[i] * 1e6][how]
+            else:
+                flat[i] = flat[i] ^ 1 if t.dtype == torch.uint8 else flat[i] + 1
+            tensors[name] = t
+            save_file(tensors, f, metadata={"format": "pt"})
+            return f"anchor_state: edit element {i} of {name} in {rel}/{target}"
+    meta_path = anchor / "anchor.json"
+    meta = json.loads(meta_path.read_text())
+    leaves = [p for p in _paths({k: v for k, v in meta.items() if k != "step"}) if not isinstance(_get(meta, p), (dict, list))]
+    path = leaves[m.c % len(leaves)]
+    old = _get(meta, path)
+    if isinstance(old, bool):
+        new: Any = not old
+    elif isinstance(old, int):
+        new = old + (1 if m.b % 2 else -1)
+    elif isinstance(old, str) and path[-1] == "float":  # an exact float: nudge its value
+        from .digest import decode_float, encode_float
+
+        x = decode_float(old)
+        new = encode_float([x * 2, x * (1 + 2**-30), 0.0 if x else 1e-3, -x if x else 1.0][m.b % 4])
+    else:
+        new = None
+    _set(meta, path, new)
+    from .digest import canonical_json
+
+    meta_path.write_bytes(canonical_json(meta))
+    return f"anchor_state: {'/'.join(map(str, path))} {old!r} -> {new!r} in {rel}/anchor.json"
 
 
 def fingerprint(root: Path) -> str:

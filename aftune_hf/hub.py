@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, FetchError, ManifestMismatchError, ResourceLimitError
-from .safeio import atomic_write_bytes, validate_relpath
+from .safeio import validate_relpath
 from .trace import IGNORED, LOCK, Limits, TraceReader
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -67,11 +66,37 @@ def _api(endpoint: str | None, token: str | None) -> Any:
     return HfApi(endpoint=endpoint, token=token)
 
 
-class _Silent(tqdm):
-    """Per-file bars of ``hf_hub_download`` off: :func:`pull` shows one bar for the whole trace."""
+MIN_RATE = 1 << 20  # bytes/s a download must average: a pull's deadline is BASE_DEADLINE + its listed bytes / MIN_RATE
+BASE_DEADLINE = 120.0
+READ_TIMEOUT = 30.0  # seconds without a byte before a download is given up
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{**kwargs, "disable": True})
+
+def _fetch(session: Any, url: str, headers: dict[str, str], size: int, target: Path, deadline: float, bar: Any) -> None:
+    """Stream ``url`` into ``target``: more bytes than the listing's ``size`` is the provider's FAIL
+    (stopped at ``size + 1``, never buffered), passing ``deadline`` (monotonic) an ERROR."""
+    import time
+
+    import httpx2
+
+    part = target.with_name(f".{target.name}.part")
+    got = 0
+    with session.stream("GET", url, headers=headers, follow_redirects=True,
+                        timeout=httpx2.Timeout(READ_TIMEOUT, connect=READ_TIMEOUT)) as r, open(part, "wb") as out:  # fmt: skip
+        if r.status_code == 404:
+            raise ManifestMismatchError("not_served", "the provider does not serve this file", path=target.name)
+        r.raise_for_status()
+        for chunk in r.iter_bytes():  # as bytes arrive: a drip must still see the deadline
+            got += len(chunk)
+            if got > size:
+                raise ManifestMismatchError("hash_mismatch", f"the server sends more than the listed {size} bytes",
+                                            path=target.name)  # fmt: skip
+            out.write(chunk)
+            bar.update(len(chunk))
+            if time.monotonic() > deadline:
+                raise FetchError("download_deadline", "the download is too slow (below 1 MB/s on average)", path=target.name)
+    if got != size:
+        raise ManifestMismatchError("hash_mismatch", f"served {got} bytes, the listing says {size}", path=target.name)
+    part.replace(target)  # our own plain copy in the verifier's private directory
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -151,7 +176,10 @@ def pull(
 ) -> Path:
     """Download every file of ``repo_id`` at commit ``revision`` into ``dest`` (a fresh directory);
     ``progress`` shows one bar over all the bytes."""
-    from huggingface_hub import hf_hub_download
+    import time
+
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
     from huggingface_hub.errors import (
         EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
     )  # fmt: skip
@@ -172,22 +200,18 @@ def pull(
             validate_relpath(f.path, max_depth=limits.max_depth)
             if f.size > limits.max_tensor_file_bytes:
                 raise ResourceLimitError("file_too_large", f"{f.size} bytes", path=f.path)
-        cache = out.parent / f".{out.name}.hub-cache"
         wanted = [f for f in listing if f.path not in IGNORED]
-        bar = tqdm(total=sum(f.size for f in wanted), desc="downloading trace", unit="B", unit_scale=True,
-                   disable=not progress)  # fmt: skip
+        total = sum(f.size for f in wanted)
+        deadline = time.monotonic() + BASE_DEADLINE + total / MIN_RATE
+        bar = tqdm(total=total, desc="downloading trace", unit="B", unit_scale=True, disable=not progress)
+        session, headers = get_session(), build_hf_headers(token=token)
         for f in wanted:
-            local = hf_hub_download(repo_id, f.path, revision=revision, repo_type=repo_type, cache_dir=cache,
-                                    endpoint=endpoint, token=token, tqdm_class=_Silent)  # fmt: skip
-            bar.update(f.size)
+            url = hf_hub_url(repo_id, f.path, revision=revision, repo_type=repo_type,
+                             endpoint=endpoint or constants.ENDPOINT)  # fmt: skip
             target = out / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            data = Path(local).read_bytes()
-            if len(data) != f.size:
-                raise ManifestMismatchError("hash_mismatch", "served size differs from the listing", path=f.path)
-            atomic_write_bytes(target, data)  # our own plain copy, never the cache's symlink
+            _fetch(session, url, headers, f.size, target, deadline, bar)
         bar.close()
-        shutil.rmtree(cache, ignore_errors=True)
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise ManifestMismatchError("not_served", f"{type(e).__name__}: the provider does not serve this revision",
                                     path=f"{repo_id}@{revision}") from e  # fmt: skip

@@ -34,6 +34,7 @@ class FakeHub:
         self.repos: dict[tuple[str, str], dict] = {}
         self.lock = threading.Lock()
         self.requests: list[str] = []
+        self.misbehave: dict[str, str] = {}  # file path -> "extra" | "endless" | "drip" (a hostile server)
         self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -109,6 +110,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+    def _hostile(self, mode: str, data: bytes, headers: dict) -> None:
+        """Bounded misbehaviour: 1 MiB more than listed, 64 MiB without a length, or a byte every 0.2 s for 20 s."""
+        import time
+
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if mode == "extra":
+            body = data + b"\0" * (1 << 20)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.end_headers()  # no Content-Length: the body ends when the connection closes
+        try:
+            if mode == "endless":
+                for _ in range(64):
+                    self.wfile.write(b"\0" * (1 << 20))
+            else:
+                end = time.monotonic() + 20
+                while time.monotonic() < end:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        except OSError:
+            pass  # the client hung up, as it should
+        self.close_connection = True
 
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json"})
@@ -188,5 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = files[m[4]]
             headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                        "Content-Type": "application/octet-stream"}  # fmt: skip
+            if not head and m[4] in self.fake.misbehave:
+                return self._hostile(self.fake.misbehave[m[4]], data, headers)
             return self._send(200, data, headers, head)
         return self._not_found(path)

@@ -21,7 +21,8 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 # `accelerate launch --cpu --num_processes 2` starts ONE process on a CPU box; this starts two.
 LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "verify.py")]  # fmt: skip
+          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+SCRIPT = str(REPO / "scripts" / "verify.py")
 
 
 def _record(contract_path, out, cheat=None):
@@ -32,11 +33,11 @@ def _record(contract_path, out, cheat=None):
     return out / "trace"
 
 
-def _launch(args, tmp_path):
+def _launch(args, tmp_path, script=True):
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate CLI not on PATH")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    return subprocess.run([*LAUNCH, *([SCRIPT] if script else []), *map(str, args)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("cheat", [None, Cheat("nudge", 6)])
@@ -60,3 +61,26 @@ def test_world_size_mismatch_is_refused(write_contract, tmp_path):
                         "--num-processes", "2"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert p.returncode == 2 and "1 process(es) joined" in p.stderr
+
+
+def test_two_processes_verify_a_hub_trace_like_aftune_verify(write_contract, tmp_path):
+    """hf://REPO@SHA under accelerate (issue 14): was PASS with nothing replayed ("windows per process: [0]")."""
+    from aftune_hf.hub import push_trace
+    from tests.hub_server import FakeHub
+
+    contract = write_contract(training={"max_steps": 8}, audit={"anchor_every": 2, "windows": 4})
+    trace = _record(contract, tmp_path, Cheat("nudge", 5))
+    hub = FakeHub()
+    endpoint = hub.start()
+    try:
+        uri = push_trace(trace, "me/launch", endpoint=endpoint, token="hf_test").uri
+        single = verify_trace(uri, contract, nonce="5eed", endpoint=endpoint)
+        p = _launch(["-m", "aftune_hf.launch", uri, "--contract", contract, "--nonce", "5eed", "--num-processes", "2",
+                     "--endpoint", endpoint, "--report", tmp_path / "r.json"], tmp_path, script=False)  # fmt: skip
+    finally:
+        hub.stop()
+    multi = json.loads((tmp_path / "r.json").read_text())
+    assert single.verdict == "FAIL" and p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
+    assert multi["verdict"] == "FAIL" and multi["source"] == uri
+    assert sorted(w["index"] for w in multi["windows"]) == [w.index for w in single.windows] == [0, 1, 2, 3]
+    assert [(f["check"], f["step"]) for f in multi["failures"]] == [(f.check, f.step) for f in single.failures]

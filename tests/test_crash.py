@@ -76,6 +76,6 @@ def test_sigkill_at_20_random_points_then_resume(ctx, write_contract, tmp_path):
         steps = [e.record["step"] for e in integrity.entries if e.record["kind"] == "step"]
         assert steps == list(range(1, STEPS + 1)), f"kill at {kill_at}: steps {steps}"
         assert [r["state"] for r in integrity.steps().values()] == ref_states  # bit-identical to the uninterrupted run
-        report = verify_trace(trace, contract, nonce=f"{i:02x}", windows=1)
+        report = verify_trace(trace, contract, nonce=f"{i:02x}", windows=3)
         assert report.verdict == "PASS", f"kill at step {kill_at}: {report.summary()}"
     assert sum(code == -signal.SIGKILL for _, code in killed_at) >= 15  # (a kill may land after a fast finish)

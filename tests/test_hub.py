@@ -161,3 +161,29 @@ def test_inference_log_push_and_verify(hub, recorded, tmp_path):
     tr = push_trace(trace, "me/log-trace", endpoint=endpoint)
     report = verify_inference(log.uri, contract, trace=tr.uri, nonce="01", endpoint=endpoint)
     assert report.verdict == "PASS", report.summary()
+
+
+@pytest.mark.parametrize("mode", ["extra", "endless", "drip"])
+def test_hostile_server_is_bounded_by_listing_and_deadline(hub, recorded, tmp_path, monkeypatch, mode):
+    """A server that sends more than the listed size (FAIL, stopped at the listed size), streams
+    without end (FAIL), or drips a byte at a time (ERROR once the deadline passes) -- never unbounded."""
+    import time
+
+    import aftune_hf.hub as H
+
+    fake, endpoint = hub
+    contract, trace = recorded
+    result = push_trace(trace, f"me/hostile-{mode}", endpoint=endpoint, token="hf_test")
+    monkeypatch.setattr(H, "BASE_DEADLINE", 3.0)
+    fake.misbehave = {"chain.jsonl": mode}
+    try:
+        t0 = time.monotonic()
+        report = verify_trace(result.uri, contract, nonce="ad", endpoint=endpoint)
+        took = time.monotonic() - t0
+    finally:
+        fake.misbehave = {}
+    if mode == "drip":
+        assert report.verdict == "ERROR" and "download_deadline" in report.error, report.summary()
+        assert took < 15
+    else:
+        assert report.verdict == "FAIL" and report.failures[0].code == "hash_mismatch", report.summary()

@@ -238,3 +238,19 @@ def test_delivered_full_model_config_is_checked(honest, contracts, tmp_path, edi
     else:
         assert report.verdict == "FAIL" and report.failures[0].code == "model_config", report.summary()
         assert "config.json" in report.failures[0].reason
+
+
+def test_oversized_checkpoint_is_fail_before_allocation(honest, contracts, tmp_path):
+    """A forged checkpoint far larger than the schema allows is the provider's FAIL (was ERROR MemoryError)."""
+    from aftune_hf.fuzz import reseal
+    from aftune_hf.trace import checkpoint_path
+
+    trace = tmp_path / "t"
+    shutil.copytree(honest["tiny-lora"], trace)
+    f = trace / checkpoint_path(3)
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size + (64 << 20))  # sparse: nothing is written, nothing may be read
+    reseal(trace)
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0d", only_windows=())
+    assert report.verdict == "FAIL" and report.failures[0].code == "file_too_large", report.summary()
+    assert report.failures[0].step == 3

@@ -78,7 +78,7 @@ def test_honest_trace_passes_exact_mode(honest, contracts, name, tmp_path):
     assert report.data_check.steps_checked == STEPS and not report.data_check.mismatched_steps
     # the delivered model must equal the final state
     final = fresh_copy(honest[name], tmp_path)
-    report = verify_trace(final, contracts[name], nonce="01", windows=2, model=final / checkpoint_path(STEPS))
+    report = verify_trace(final, contracts[name], nonce="01", windows=4, model=final / checkpoint_path(STEPS))
     assert report.verdict == "PASS", report.summary()
 
 
@@ -99,7 +99,7 @@ def test_peft_saved_adapter_is_accepted_as_delivered_model(honest, contracts, tm
             if p.requires_grad:
                 p.copy_(final[n])
     parts.model.save_pretrained(tmp_path / "delivered")
-    report = verify_trace(honest["tiny-lora"], contract, nonce="01", windows=2, model=tmp_path / "delivered")
+    report = verify_trace(honest["tiny-lora"], contract, nonce="01", windows=4, model=tmp_path / "delivered")
     assert report.verdict == "PASS", report.summary()
 
 
@@ -207,7 +207,7 @@ def test_verifier_side_problem_is_error_not_pass(honest, contracts, tmp_path, mo
 def test_cli_exit_codes_and_report(honest, contracts, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "aftune_hf", "verify", str(honest["tiny-lora"]), "--contract", str(contracts["tiny-lora"]),
-           "--nonce", "0badc0de", "--windows", "2", "--report", str(tmp_path / "r.json"), "--quiet"]  # fmt: skip
+           "--nonce", "0badc0de", "--windows", "4", "--report", str(tmp_path / "r.json"), "--quiet"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.startswith("PASS")

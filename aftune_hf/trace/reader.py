@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -12,8 +13,11 @@ from typing import Any
 from .. import digest as D
 from .. import records as R
 from ..errors import (
-    CommitmentError, ManifestMismatchError, TraceFormatError,
+    CommitmentError, ManifestMismatchError, ResourceLimitError, TraceFormatError,
 )  # fmt: skip
+
+OPTIMIZER_STATES = 4  # per-parameter tensors an optimizer keeps at most (AdamW with amsgrad: 3, plus a step)
+RNG_BYTES = 64 << 20  # every RNG state of every rank
 from ..safeio import parse_safetensors, read_regular_file
 from .layout import (
     ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, ROOT, Anchor,
@@ -155,18 +159,30 @@ class TraceReader:
             raise CommitmentError("root_mismatch", "trace_root does not recompute", path=ROOT)
         return Integrity(trace_root, num_steps, tuple(entries), root)
 
-    def _tensors(self, rel: str, schema: Schema | None) -> dict[str, Any]:
+    def _tensors(self, rel: str, schema: Schema | None, bound: int | None = None) -> dict[str, Any]:
+        """Parse a safetensors file; ``bound`` (bytes, from the schema) is checked before reading."""
         if rel not in self.files:
             raise ManifestMismatchError("missing_file", "required file absent", path=rel)
-        blob = read_regular_file(self.root, rel, max_bytes=self.limits.max_tensor_file_bytes)
+        limit = min(self.limits.max_tensor_file_bytes, bound if bound is not None else self.limits.max_tensor_file_bytes)
+        if self.files[rel] > limit:
+            raise ResourceLimitError("file_too_large", f"{self.files[rel]} bytes, at most {limit} expected", path=rel,
+                                     step=step_of_path(rel))  # fmt: skip
+        blob = read_regular_file(self.root, rel, max_bytes=limit)
         tensors = parse_safetensors(blob, path=rel, max_header=self.limits.max_safetensors_header)
         if schema is not None:
             check_schema(tensors, schema, path=rel)
         return tensors
 
+    def _bound(self, schema: Schema | None, copies: int) -> int | None:
+        """Most bytes a file of ``copies`` tensors per schema entry (plus small counters) can need."""
+        if schema is None:
+            return None
+        data = sum(math.prod(shape) * D.dtype_size(dtype) for dtype, shape in schema.values())
+        return copies * data + 64 * copies * len(schema) + self.limits.max_safetensors_header + 8
+
     def checkpoint(self, step: int, schema: Schema | None = None) -> dict[str, Any]:
         """Trainable tensors after ``step``, checked against ``schema`` when given."""
-        return self._tensors(checkpoint_path(step), schema)
+        return self._tensors(checkpoint_path(step), schema, self._bound(schema, 1))
 
     def anchor(self, step: int, schema: Schema | None = None) -> Anchor:
         """The anchor at ``step``; its params are checked against ``schema`` when given."""
@@ -177,5 +193,6 @@ class TraceReader:
             D.canonical_json(meta)  # floats or huge integers cannot be committed: refuse them here
         except (TypeError, ValueError) as e:
             raise TraceFormatError("anchor_invalid", f"anchor.json is not canonical: {e}", path=anchor_path(step, "meta")) from None
-        parts = {p: self._tensors(anchor_path(step, p), schema if p == "params" else None) for p in ANCHOR_PARTS}
+        bounds = {"params": self._bound(schema, 1), "optimizer": self._bound(schema, OPTIMIZER_STATES), "rng": RNG_BYTES}
+        parts = {p: self._tensors(anchor_path(step, p), schema if p == "params" else None, bounds[p]) for p in ANCHOR_PARTS}
         return Anchor(step, parts["params"], parts["optimizer"], parts["rng"], meta)

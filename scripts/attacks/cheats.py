@@ -107,3 +107,33 @@ class AnchorEdit(transformers.TrainerCallback):
             if self.kind == "one_moment":
                 states[0]["exp_avg"].zero_()
                 states[0]["exp_avg_sq"].fill_(1.0)
+
+
+class BoundDrift(transformers.TrainerCallback):
+    """A bound-aware provider: after every step, move each trainable tensor ``p`` by
+    ``per_step x |p|`` (relative L2, per tensor -- the verifier's own metric) in a ``direction``
+    that is ``"random"`` (fresh each step) or ``"fixed"`` (drawn once per tensor). Its own
+    generator: the run's RNG streams stay honest."""
+
+    def __init__(self, per_step: float, direction: str = "random", seed: int = 0) -> None:
+        if direction not in ("random", "fixed"):
+            raise ValueError(direction)
+        self.per_step, self.direction = per_step, direction
+        self._gen = torch.Generator().manual_seed(seed)
+        self._fixed: dict[str, torch.Tensor] = {}
+
+    def _unit(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        if self.direction == "fixed" and name in self._fixed:
+            return self._fixed[name]
+        u = torch.randn(p.shape, generator=self._gen, dtype=torch.float64)
+        u /= u.norm().clamp_min(1e-300)
+        if self.direction == "fixed":
+            self._fixed[name] = u
+        return u
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    step = self._unit(name, p) * (self.per_step * float(p.detach().double().norm()))
+                    p.add_(step.to(p.dtype))

@@ -39,7 +39,7 @@ from aftune_hf.report import VerificationReport  # noqa: E402
 from aftune_hf.trace import TraceReader, TraceWriter, checkpoint_path  # noqa: E402
 from aftune_hf.verify import verify_trace  # noqa: E402
 from aftune_hf.verify_inference import verify_inference  # noqa: E402
-from scripts.attacks.cheats import Cheat  # noqa: E402
+from scripts.attacks.cheats import AnchorEdit, BoundDrift, Cheat  # noqa: E402
 
 STEPS = 8
 
@@ -47,17 +47,17 @@ STEPS = 8
 class Lab:
     """A work directory with the tiny base model and contracts (exact and tolerance mode)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, steps: int = STEPS, anchor_every: int = 4, tolerance: float = 1e-6) -> None:
         self.work = work
         self.base = work / "base"
         digest = make_base_model(self.base)
         self.contracts = {}
-        for name, audit in (("exact", {}), ("tolerance", {"mode": "tolerance", "tolerance": 1e-6, "checkpoint_every": 1})):
+        for name, audit in (("exact", {}), ("tolerance", {"mode": "tolerance", "tolerance": tolerance, "checkpoint_every": 1})):
             data = yaml.safe_load((REPO / "configs" / "tiny-lora.yaml").read_text())
             data["base_model"] = {"path": str(self.base), "digest": digest}
             data["dataset"] = {"path": str(DEFAULT_DATASET), "digest": dataset_digest(DEFAULT_DATASET).hex()}
-            data["training"]["max_steps"] = STEPS
-            data["audit"].update(anchor_every=4, windows=2, **audit)
+            data["training"]["max_steps"] = steps
+            data["audit"].update(anchor_every=anchor_every, windows=2, **audit)
             (work / f"{name}.yaml").write_text(yaml.safe_dump(data))
             self.contracts[name] = load_contract(work / f"{name}.yaml")
 
@@ -175,6 +175,30 @@ def drift_under_tolerance(lab: Lab):
             "replay accumulates it within a window"), lab.verify(trace, mode="tolerance")  # fmt: skip
 
 
+def edit_anchor_lr(lab: Lab):
+    trace = lab.record("anchor_lr", callbacks=[AnchorEdit("lr_zero", 4)])
+    return ("set the optimizer's and scheduler's lr to 0 at the step-4 anchor (training silently stops); "
+            "torch would restore it on replay"), lab.verify(trace)  # fmt: skip
+
+
+def edit_anchor_moments(lab: Lab):
+    trace = lab.record("anchor_moments", mode="tolerance", callbacks=[AnchorEdit("moments", 4)])
+    return "scaled Adam's second moments by 1e6 at the step-4 anchor (tolerance mode)", lab.verify(trace, mode="tolerance")
+
+
+def bound_aware_drift_random(lab: Lab):
+    tol = lab.contracts["tolerance"].audit.tolerance
+    trace = lab.record("drift_random", mode="tolerance", callbacks=[BoundDrift(0.7 * tol, "random")])
+    return ("moved every tensor by 0.7 x tolerance per step in a fresh random direction (each step alone "
+            "within the bound)"), lab.verify(trace, mode="tolerance")  # fmt: skip
+
+
+def bound_aware_drift_fixed(lab: Lab):
+    tol = lab.contracts["tolerance"].audit.tolerance
+    trace = lab.record("drift_fixed", mode="tolerance", callbacks=[BoundDrift(0.5 * tol, "fixed")])
+    return "moved every tensor by 0.5 x tolerance per step in one fixed direction", lab.verify(trace, mode="tolerance")
+
+
 # --- inference attacks -------------------------------------------------------------------------------
 
 
@@ -246,7 +270,8 @@ def change_decoding(lab: Lab):
 ATTACKS: dict[str, Callable[[Lab], tuple[str, VerificationReport]]] = {
     f.__name__: f
     for f in (skip_steps, skip_update, lower_lr, poison_batches, lower_rank, other_base, edit_weights_after_training,
-              deliver_other_weights, forge_consistent_trace, drift_under_tolerance, serve_other_model,
+              deliver_other_weights, forge_consistent_trace, drift_under_tolerance, edit_anchor_lr, edit_anchor_moments,
+              bound_aware_drift_random, bound_aware_drift_fixed, serve_other_model,
               serve_quantised, change_decoding)
 }  # fmt: skip
 
