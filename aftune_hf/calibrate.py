@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .contract import Contract, load_contract
-from .derive import derive_expected, moments_distance
+from .verify.derive import derive_expected, moments_distance
 from .replay import replay_window
 from .trace import TraceReader
-from .verify import _distance, window_bounds
+from .verify import distance, window_bounds
 
 
 def calibrate(
@@ -46,7 +46,7 @@ def calibrate(
             for r in replay.steps:
                 s = r.fields["step"]
                 if steps[s]["checkpoint"]:
-                    per_step[s] = _distance(r.params, reader.checkpoint(s, schema))[0]
+                    per_step[s] = distance(r.params, reader.checkpoint(s, schema))[0]
             if replay.end is not None:  # the window's end state is compared too: Adam's moments
                 moments.append(moments_distance(replay.end, reader.anchor(end, schema)))
     values = (list(per_step.values()) or [0.0]) + moments

@@ -37,7 +37,7 @@ from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, syn
 from .errors import ContractViolationError, RecorderError
 from .live import contract_differences, make_anchor, on_host, trainable_params, unwrap
 from .observe import StepObserver
-from .trace import Anchor, TraceWriter, schema_of
+from .trace import FORMAT_VERSION, Anchor, TraceWriter, schema_of
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class AuditCallback(StepObserver):
             self._bg = None
         if state.global_step == self.contract.training.max_steps:
             final = D.state_digest(trainable_params(model))
-            fields = {"format_version": 1, "contract_digest": self.writer.header["contract_digest"],
+            fields = {"format_version": FORMAT_VERSION, "contract_digest": self.writer.header["contract_digest"],
                       "num_steps": state.global_step, "num_records": len(self.writer.entries),
                       "chain_head": self.writer.entries[-1].chain.hex(), "final_state": final.hex()}  # fmt: skip
             self.root = self.writer.finalize(render_card(self.writer.header, fields), final, progress=not args.disable_tqdm)

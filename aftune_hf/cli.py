@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import AftuneError, ConfigError, ProviderFault
+from .errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
 
 
 def _contract(args: argparse.Namespace) -> int:
@@ -95,6 +95,8 @@ def _verify(args: argparse.Namespace) -> int:
             bytes.fromhex(args.nonce)
         except ValueError:
             raise ConfigError("invalid_nonce", "the nonce must be hex") from None
+    if args.processes is not None and args.processes > 1:
+        return _verify_launched(args)
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     only = None if args.only_windows is None else [int(i) for i in args.only_windows.split(",") if i.strip()]
     report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
@@ -108,6 +110,39 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"drew nonce {report.nonce} (pass --nonce to repeat this audit)")
         print(report.summary())
     return report.exit_code
+
+
+def _verify_launched(args: argparse.Namespace) -> int:
+    """``--processes N``: the same verification under ``accelerate launch`` (N processes, gloo on a
+    CPU), with this command's exit code and output -- not torchrun's crash report."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    if args.only_windows is not None or args.no_data_check or args.html or args.json:
+        raise ConfigError("invalid_arguments", "--processes takes TRACE, --contract, --nonce, --windows, --model, "
+                          "--report, --endpoint and --quiet")  # fmt: skip
+    n = str(args.processes)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # with --multi_gpu this starts N CPU processes on gloo
+    with tempfile.TemporaryDirectory(prefix="aftune-processes-") as tmp:
+        code_file = os.path.join(tmp, "exit-code")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", n,
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aftune_hf.launch",
+               args.trace, "--contract", args.contract, "--num-processes", n, "--exit-file", code_file]  # fmt: skip
+        for flag, value in (("--nonce", args.nonce), ("--windows", args.windows), ("--model", args.model),
+                            ("--report", args.report), ("--endpoint", args.endpoint)):  # fmt: skip
+            if value is not None:
+                cmd += [flag, str(value)]
+        p = subprocess.run(cmd, env=env, stdout=None, stderr=subprocess.PIPE, text=True)
+        try:
+            return int(open(code_file, encoding="ascii").read())
+        except (OSError, ValueError):
+            tail = "\n".join(p.stderr.strip().splitlines()[-15:])
+            raise VerifierEnvironmentError("launch_failed", f"accelerate launch exited {p.returncode} without a "
+                                           f"verdict:\n{tail}") from None  # fmt: skip
 
 
 def _verify_inference(args: argparse.Namespace) -> int:
@@ -215,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--processes", type=_positive_int, help="run under accelerate launch with N processes "
+                   "(CPU: gloo; GPU: one per device); same verdict, report and exit code")
     p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by scripts/verify.py to split work
     p.add_argument("--no-data-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_verify)

@@ -61,6 +61,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--report")
     ap.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
     ap.add_argument("--num-processes", type=int, help="refuse to run unless exactly this many processes started")
+    ap.add_argument("--exit-file", help="write the verdict's exit code here and exit 0 in every process "
+                    "(what `aftune verify --processes N` uses: torchrun reports any non-zero exit as a crash)")
     return ap.parse_args()
 
 
@@ -194,12 +196,18 @@ def finish(a: argparse.Namespace, state: PartialState, report: VerificationRepor
 
 
 def run() -> None:
-    """Entry point: verify, tear the process group down, exit with the verdict's code."""
+    """Entry point: verify, tear the process group down, exit with the verdict's code (or write it
+    to ``--exit-file`` and exit 0)."""
     code = main()
     state = PartialState()
     state.wait_for_everyone()
+    exit_file = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--exit-file"), None)
+    if exit_file and state.is_main_process:
+        from .safeio import atomic_write_bytes
+
+        atomic_write_bytes(exit_file, str(code).encode())
     state.destroy_process_group()  # a clean teardown: CI once saw one process abort (SIGABRT) at exit without it
-    raise SystemExit(code)
+    raise SystemExit(0 if exit_file else code)
 
 
 if __name__ == "__main__":

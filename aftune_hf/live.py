@@ -27,6 +27,10 @@ from .contract import Contract
 from .statecodec import encode_optimizer, encode_rng, optimizer_param_names, to_json_value
 from .trace import Anchor
 
+# TrainerState fields an anchor keeps: the counters a resumed Trainer computes with or that follow
+# from the steps trained. The rest (log_history, total_flos, best_*, ...) is logging, not state.
+TRAINER_FIELDS = ("global_step", "epoch", "max_steps", "num_train_epochs", "train_batch_size", "num_input_tokens_seen")
+
 
 def unwrap(model: Any) -> Any:
     """The module under DDP/DataParallel wrappers."""
@@ -75,7 +79,10 @@ def make_anchor(
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     opt_tensors, opt_meta = encode_optimizer(inner.state_dict(), optimizer_param_names(inner, unwrap(model)))
     rng_tensors, rng_meta = encode_rng(rng_states())
-    state_json = json.loads(json.dumps(dataclasses.asdict(trainer_state))) if trainer_state is not None else None
+    state_json = None
+    if trainer_state is not None:  # only what a resumed Trainer computes with (the rest is logging)
+        full = json.loads(json.dumps(dataclasses.asdict(trainer_state)))
+        state_json = {k: full.get(k) for k in TRAINER_FIELDS}
     meta = {
         "step": step,
         "optimizer": opt_meta,

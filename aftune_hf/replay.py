@@ -37,7 +37,7 @@ from .statecodec import decode_optimizer, from_json_value, optimizer_param_names
 from .trace import Anchor, check_schema, schema_of
 
 if TYPE_CHECKING:
-    from .derive import Expected
+    from .verify.derive import Expected
 
 
 @dataclass(frozen=True)

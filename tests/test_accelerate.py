@@ -84,3 +84,19 @@ def test_two_processes_verify_a_hub_trace_like_aftune_verify(write_contract, tmp
     assert multi["verdict"] == "FAIL" and multi["source"] == uri
     assert sorted(w["index"] for w in multi["windows"]) == [w.index for w in single.windows] == [0, 1, 2, 3]
     assert [(f["check"], f["step"]) for f in multi["failures"]] == [(f.check, f.step) for f in single.failures]
+
+
+def test_aftune_verify_processes_keeps_exit_codes_and_hides_torchrun(write_contract, tmp_path):
+    """`aftune verify --processes 2`: exit 1 FAIL and 3 INCONCLUSIVE as in one process (accelerate
+    launch alone turns every non-zero exit into 1 and prints torch-elastic's crash report)."""
+    contract = write_contract(training={"max_steps": 8}, audit={"anchor_every": 2, "windows": 4})
+    trace = _record(contract, tmp_path, Cheat("nudge", 4))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "aftune_hf", "verify", str(trace), "--contract", str(contract), "--nonce", "5eed",
+            "--processes", "2"]  # fmt: skip
+    fail = subprocess.run([*base, "--report", str(tmp_path / "r.json")], capture_output=True, text=True, env=env, timeout=600)
+    assert fail.returncode == 1 and fail.stdout.startswith("FAIL"), fail.stdout[-2000:] + fail.stderr[-2000:]
+    assert "processes: 2" in fail.stdout and "Traceback" not in fail.stdout + fail.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["failures"][0]["step"] == 4
+    weak = subprocess.run([*base, "--windows", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert weak.returncode == 3 and weak.stdout.startswith("INCONCLUSIVE"), weak.stdout[-2000:] + weak.stderr[-2000:]

@@ -6,6 +6,8 @@ re-executed) or an honest job reported wrongly, and asserts the verdict it must 
 
 from __future__ import annotations
 
+# ruff: noqa: F811 - the fixtures imported from tests.test_verify are redefined as arguments
+
 import json
 import shutil
 
@@ -143,7 +145,7 @@ def test_clients_own_wrong_files_are_error_not_fail(honest, contracts, tmp_path)
 
 
 def test_verifier_out_of_memory_is_error(honest, contracts, monkeypatch):
-    import aftune_hf.verify as V
+    import aftune_hf.verify.window as V
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "

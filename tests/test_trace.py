@@ -24,6 +24,7 @@ from aftune_hf.errors import (
 )
 from aftune_hf.trace import (
     CHAIN,
+    FORMAT_VERSION,
     HEADER,
     ROOT,
     Limits,
@@ -160,7 +161,7 @@ def test_too_deep_and_too_many_files(trace):
 
 
 def test_unknown_format_version_refused(trace):
-    _rewrite_json(trace / HEADER, lambda h: h.update(format_version=2))
+    _rewrite_json(trace / HEADER, lambda h: h.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(TraceFormatError, match="format_version"):
         TraceReader(trace).header()
 

@@ -194,7 +194,7 @@ def test_challenge_is_deterministic_and_nonce_dependent(honest, contracts):
 
 
 def test_verifier_side_problem_is_error_not_pass(honest, contracts, tmp_path, monkeypatch):
-    import aftune_hf.verify as V
+    import aftune_hf.verify.window as V
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")

@@ -24,15 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import digest as D
-from .contract import Contract
-from .statecodec import encode_optimizer, from_json_value, optimizer_param_names, to_json_value
-from .trace import Anchor
+from .. import digest as D
+from ..contract import Contract
+from ..statecodec import encode_optimizer, from_json_value, optimizer_param_names, to_json_value
+from ..live import TRAINER_FIELDS
+from ..trace import Anchor
 
-# TrainerState fields a resumed Trainer computes with, or that follow from the steps trained. The
-# others (log_history, total_flos, best_*, logging/eval/save steps, stateful_callbacks, ...) are
-# informational: the replay never reads them from an anchor (it writes its own trainer state).
-TRAINER_FIELDS = ("global_step", "epoch", "max_steps", "num_train_epochs", "train_batch_size", "num_input_tokens_seen")
 FLOAT_RTOL = 1e-12  # tolerance mode: Python float arithmetic of another libm may differ in the last bits
 
 
@@ -61,9 +58,9 @@ def anchor_steps(contract: Contract) -> list[int]:
 def derive_expected(contract: Contract, workdir: Path, parts: Any = None) -> Expected:
     """Build the recipe's Trainer, optimizer and scheduler (as ``Trainer.train`` creates them) and
     step the scheduler ``max_steps`` times without training."""
-    from .live import trainable_params
-    from .replay import build_recipe, make_trainer
-    from .trace import schema_of
+    from ..live import trainable_params
+    from ..replay import build_recipe, make_trainer
+    from ..trace import schema_of
 
     parts = parts or build_recipe(contract, workdir)
     model = parts.model
@@ -136,8 +133,8 @@ def derivable_differences(anchor: Anchor, expected: Expected, *, rtol: float = 0
     if not same_value(_decode(meta.get("scheduler")), from_json_value(expected.scheduler.get(step)), rtol):
         out.append("scheduler state")
     state = _decode(meta.get("trainer_state"))
-    if not isinstance(state, dict) or state.get("global_step") != step:
-        out.append("trainer state global_step")
+    if not isinstance(state, dict) or set(state) != set(TRAINER_FIELDS) or state.get("global_step") != step:
+        out.append(f"trainer state (keys {sorted(TRAINER_FIELDS)}, global_step {step})")
     return out
 
 

@@ -13,15 +13,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import digest as D
-from .errors import ManifestMismatchError
-from .safeio import loads_json_strict, parse_safetensors, read_regular_file
+from .. import digest as D
+from ..errors import ManifestMismatchError
+from ..safeio import loads_json_strict, parse_safetensors, read_regular_file
 
 CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")
 _DROPOUT = {"attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",

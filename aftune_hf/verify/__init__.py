@@ -1,0 +1,145 @@
+"""All pass/fail policy: structure, data, challenge, replay -> :class:`VerificationReport`.
+
+Everything the provider controls that prevents verification is FAIL; only verifier-side
+trouble (local disk, memory, missing dependency, the client's own files) is ERROR; PASS only
+through every check and with the contract's detection power (else INCONCLUSIVE). Policy comes
+from the client's contract, never from the trace. The stages: :mod:`.derive` (what the contract
+implies), :mod:`.structure` (cheap whole-trace checks, the challenge), :mod:`.window` (re-executed
+windows), :mod:`.delivered` (the model the client received).
+
+Example:
+    >>> from aftune_hf.verify import verify_trace
+    >>> report = verify_trace("runs/trace", "configs/tiny-lora.yaml", nonce="a1b2c3")   # doctest: +SKIP
+    >>> print(report.summary())                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import digest as D
+from ..contract import Contract, load_contract
+from ..errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
+from ..replay import build_recipe, iter_data_steps
+from ..report import ERROR, FAIL, INCONCLUSIVE, PASS, DataCheck, Detection, Failure, VerificationReport
+from ..trace import Integrity, TraceReader
+from .delivered import check_delivered
+from .derive import derive_expected
+from .structure import Challenge, check_client_artifacts, check_structure, failure_from, make_challenge, window_bounds
+from .window import Log, check_window, check_windows, distance, window_failures
+
+
+def verify_trace(
+    trace: str | Path,
+    contract: Contract | str | Path,
+    *,
+    nonce: str | bytes | None = None,
+    windows: int | None = None,
+    model: str | Path | None = None,
+    only_windows: Sequence[int] | None = None,
+    data_check: bool = True,
+    log: Log | None = None,
+    endpoint: str | None = None,
+    progress: bool = False,
+) -> VerificationReport:
+    """Verify a local trace against the client's contract. Never raises for provider faults.
+
+    Args:
+        trace: the trace directory, or ``hf://[datasets/]OWNER/NAME@COMMIT_SHA`` (downloaded at that
+            commit into a private directory first; ``endpoint`` overrides the Hub URL).
+        contract: the client's own contract (object or YAML path).
+        nonce: the client's challenge nonce (hex string or bytes); drawn at random when absent.
+        windows: how many windows to re-execute (default: the contract's ``audit.windows``).
+        model: the weights or adapter delivered to the client; must equal the final state.
+        only_windows: re-execute only these window indices (to split work across processes).
+        data_check: run the all-steps data check.
+        log: progress messages (e.g. ``print``).
+        progress: show a tqdm progress bar over the replayed windows.
+    """
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    c = contract if isinstance(contract, Contract) else load_contract(contract)
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+        raise ConfigError("invalid_windows", f"windows must be an integer >= 1, got {windows!r}")
+    nonce_bytes = bytes.fromhex(nonce) if isinstance(nonce, str) else (nonce or os.urandom(16))
+    base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex(), source=str(trace),
+                tolerance=c.audit.tolerance, contract=c.canonical())  # fmt: skip
+    failures: list[Failure] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="aftune-verify-") as tmp:
+            work = Path(tmp)
+            say("checking your base model and dataset against the contract")
+            check_client_artifacts(c)  # the client's own files: a mismatch is ERROR, never the provider's FAIL
+            parts = build_recipe(c, work / "init")
+            expected = derive_expected(c, work / "init", parts)
+            try:
+                from ..hub import local_copy
+
+                if isinstance(trace, str) and trace.startswith("hf://"):
+                    say(f"downloading {trace}")
+                local = local_copy(trace, work, endpoint=endpoint, progress=progress)
+                say("structural check")
+                reader = TraceReader(local)
+                integrity = check_structure(reader, c, work, expected)
+                if model is not None:
+                    check_delivered(model, reader.schema(), integrity.root["final_state"], parts.model,
+                                    c.resolve(c.base_model.path))  # fmt: skip
+            except ProviderFault as e:
+                failures.append(failure_from("structure", e))
+                return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
+            root_hex = integrity.trace_root.hex()
+            challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
+            detection = Detection.compute(len(challenge.bounds), len(challenge.chosen), c.audit.detect_fraction,
+                                          c.audit.min_detection)  # fmt: skip
+            data = None
+            if data_check:
+                say(f"data check of all {integrity.num_steps} steps")
+                data = _data_check(c, integrity, work, failures)
+            todo = [i for i in challenge.chosen if only_windows is None or i in only_windows]
+            if todo and c.training.world_size > 1 and c.audit.mode == "exact":
+                raise VerifierEnvironmentError(
+                    "unsupported", f"exact replay of a {c.training.world_size}-process trace needs that many "
+                    f"processes: accelerate launch --num_processes {c.training.world_size} scripts/verify.py ...")  # fmt: skip
+            results = check_windows(c, reader, integrity, challenge, todo, work, say=say, progress=progress,
+                                    expected=expected)  # fmt: skip
+            failures.extend(f for res in results for f in window_failures(res))
+            verdict = FAIL if failures else INCONCLUSIVE if detection.achieved < detection.required else PASS
+            return VerificationReport(
+                verdict, **base, trace_root=root_hex, seed=challenge.seed.hex(), num_steps=integrity.num_steps,
+                windows=tuple(results), data_check=data, detection=detection, failures=tuple(failures),
+                seconds=time.perf_counter() - t0, curve=_curve(integrity),
+            )  # fmt: skip
+    except (OSError, MemoryError, ImportError, AftuneError) as e:
+        if isinstance(e, ProviderFault):
+            failures.append(failure_from("structure", e))
+            return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
+        return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+
+def _data_check(c: Contract, integrity: Integrity, work: Path, failures: list[Failure]) -> DataCheck:
+    t0 = time.perf_counter()
+    steps = integrity.steps()
+    bad: list[int] = []
+    checked = 0
+    for s, batches, num_items in iter_data_steps(c, work):
+        rec = steps.get(s)
+        checked += 1
+        if rec is None or D.step_data_digest(batches).hex() != rec["data"] or rec["num_items"] != num_items:
+            bad.append(s)
+            failures.append(Failure("data", "data_mismatch", "micro-batches differ from the contract's data pipeline", s))
+    if checked != integrity.num_steps:
+        failures.append(Failure("data", "data_mismatch", f"the data pipeline yields {checked} steps"))
+    return DataCheck(checked, tuple(bad), time.perf_counter() - t0)
+
+
+def _curve(integrity: Integrity) -> tuple[tuple[int, float, float], ...]:
+    """(step, loss, lr) of every step as the trace records it, for the report's plots."""
+    return tuple((s, D.decode_float(r["loss"]), D.decode_float(r["lr"])) for s, r in sorted(integrity.steps().items()) if s)
+
+
+__all__ = ["Challenge", "check_structure", "check_window", "check_windows", "distance", "failure_from", "make_challenge",
+           "verify_trace", "window_bounds", "window_failures"]
