@@ -345,3 +345,20 @@ def test_disk_full_on_chain_append_keeps_earlier_steps(tmp_path, monkeypatch):
         w.append(R.resume_record(step=2, reason="x"))
     monkeypatch.undo()
     assert (tmp_path / "t" / CHAIN).read_bytes() == before and len(w.entries) == 3
+
+
+def test_json_true_is_not_the_version_one(trace):
+    """Found by the resealing fuzzer: `true == 1` in Python, so root.json's protocol_version `true`
+    (trace root recomputed) passed; versions must be integers."""
+    from aftune_hf import digest as D
+
+    def edit(r):
+        r["protocol_version"] = True
+        r["trace_root"] = D.trace_root({k: v for k, v in r.items() if k != "trace_root"}).hex()
+
+    _rewrite_json(trace / ROOT, edit)
+    with pytest.raises(CommitmentError, match="protocol_version"):
+        TraceReader(trace).check_integrity()
+    _rewrite_json(trace / HEADER, lambda h: h.update(protocol_version=True))
+    with pytest.raises(TraceFormatError, match="protocol"):
+        TraceReader(trace).header()

@@ -43,6 +43,11 @@ _HEADER_KEYS = {"format", "format_version", "protocol_version", "run_id", "contr
 _ROOT_KEYS = {"format", "format_version", "protocol_version", "run_id", "contract_digest", "chain_head", "records_root", "num_records", "num_steps", "final_state", "files", "trace_root"}  # fmt: skip
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same JSON type (``true`` is not ``1``)."""
+    return type(a) is type(b) and a == b
+
+
 class TraceReader:
     """Strict reader of an untrusted trace directory.
 
@@ -66,9 +71,9 @@ class TraceReader:
         h = self._json(HEADER)
         if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
             raise TraceFormatError("header_invalid", "header keys", path=HEADER)
-        if h["format"] != FORMAT or h["format_version"] != FORMAT_VERSION:
+        if not (_same(h["format"], FORMAT) and _same(h["format_version"], FORMAT_VERSION)):
             raise TraceFormatError("format_version", f"{h['format']!r} v{h['format_version']!r}", path=HEADER)
-        if h["protocol_version"] != D.PROTOCOL_VERSION:
+        if not _same(h["protocol_version"], D.PROTOCOL_VERSION):
             raise TraceFormatError("format_version", f"protocol {h['protocol_version']!r}", path=HEADER)
         if not isinstance(h["run_id"], str) or not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", h["run_id"]):
             raise TraceFormatError("header_invalid", "run_id", path=HEADER)
@@ -134,7 +139,7 @@ class TraceReader:
             "num_steps": num_steps,
         }
         for k, v in expect.items():
-            if root[k] != v:
+            if not _same(root[k], v):
                 raise CommitmentError("root_mismatch", f"{k}: root says {root[k]!r}, trace gives {v!r}", path=ROOT)
         wanted = expected_files(entries)
         present = set(self.files) - {ROOT}
