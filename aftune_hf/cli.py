@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--processes", type=_positive_int, help="run under accelerate launch with N processes "
                    "(CPU: gloo; GPU: one per device); same verdict, report and exit code")
-    p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by scripts/verify.py to split work
+    p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by aftune_hf.launch to split work
     p.add_argument("--no-data-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_verify)
     p = sub.add_parser("verify-inference", help="spot-check committed inference calls with one forward pass each")

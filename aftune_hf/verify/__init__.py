@@ -103,7 +103,7 @@ def verify_trace(
             if todo and c.training.world_size > 1 and c.audit.mode == "exact":
                 raise VerifierEnvironmentError(
                     "unsupported", f"exact replay of a {c.training.world_size}-process trace needs that many "
-                    f"processes: accelerate launch --num_processes {c.training.world_size} scripts/verify.py ...")  # fmt: skip
+                    f"processes: aftune verify ... --processes {c.training.world_size}")  # fmt: skip
             results = check_windows(c, reader, integrity, challenge, todo, work, say=say, progress=progress,
                                     expected=expected)  # fmt: skip
             failures.extend(f for res in results for f in window_failures(res))
