@@ -258,7 +258,7 @@ def replay_window(
     distributed: bool = False,
 ) -> Replay:
     """Re-execute steps ``start+1 .. end`` from the anchor at ``start``; ``expected`` is the
-    contract's derivable state (:func:`aftune_hf.derive.derive_expected`).
+    contract's derivable state (:func:`aftune_hf.verify.derive.derive_expected`).
 
     ``anchor`` is required for ``start > 0``; ``start == 0`` trains from the recipe's initial state.
     ``distributed``: every process of a ``world_size`` launch calls this together (DDP replay; each

@@ -66,7 +66,7 @@ def main() -> int:
         train_s = sum(timer.times.values())
         print(f"{kind}: {a.steps} steps trained in {train_s:.1f} s; structural check {structural:.2f} s; "
               f"data check of {n} steps {data_s:.2f} s ({data_s / train_s:.1%} of training)")  # fmt: skip
-        from aftune_hf.derive import derive_expected
+        from aftune_hf.verify.derive import derive_expected
 
         expected = derive_expected(contract, work / kind / "x")
         ratios = []

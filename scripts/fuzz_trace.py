@@ -1,6 +1,6 @@
 """Long fuzzing run: mutate an honest trace N times; the verifier must FAIL every mutation.
 
-    python scripts/fuzz_trace.py --examples 2000 [--reseal] [--replay] [--seed 0]
+    python scripts/fuzz_trace.py --examples 2000 [--reseal] [--replay] [--seed 0] [--kinds anchor_state,flip]
 
 Prints counts per mutation kind and per failure code, and every mutation that did not FAIL
 (PASS, ERROR or an exception) -- each one would be a bug. ``--reseal`` plays a forger who recomputes
@@ -38,7 +38,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replay", action="store_true", help="also re-execute the challenged windows")
     ap.add_argument("--reseal", action="store_true", help="recompute every provider-side commitment after mutating")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated mutation kinds (default: all of {','.join(KINDS)})")
     a = ap.parse_args()
+    kinds_used = [k for k in a.kinds.split(",") if k]
+    if not kinds_used or set(kinds_used) - set(KINDS):
+        ap.error(f"--kinds must name some of {', '.join(KINDS)}")
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="aftune-fuzz-"))
     digest = make_base_model(work / "base")
@@ -55,7 +59,7 @@ def main() -> int:
     kinds, codes, bad, noop, informational = collections.Counter(), collections.Counter(), [], 0, 0
     t0 = time.perf_counter()
     for i in range(a.examples):
-        m = Mutation(rng.choice(KINDS), rng.randrange(10**6), rng.randrange(10**6), rng.randrange(10**6))
+        m = Mutation(rng.choice(kinds_used), rng.randrange(10**6), rng.randrange(10**6), rng.randrange(10**6))
         copy = work / f"m{i}"
         shutil.copytree(work / "trace", copy)
         try:

@@ -256,3 +256,20 @@ def test_oversized_checkpoint_is_fail_before_allocation(honest, contracts, tmp_p
     report = verify_trace(trace, contracts["tiny-lora"], nonce="0d", only_windows=())
     assert report.verdict == "FAIL" and report.failures[0].code == "file_too_large", report.summary()
     assert report.failures[0].step == 3
+
+
+def test_rng_is_compared_in_tolerance_mode_on_the_same_kind_of_device():
+    """A provider must not pick its dropout masks: the torch generators count in tolerance mode too
+    (only across device kinds, where other generators draw the masks, are just Python's and NumPy's compared)."""
+    import torch
+
+    from aftune_hf.verify.derive import end_state_differences
+    from tests.tracekit import anchor_of, build
+
+    model, opt, sched = build()
+    a = anchor_of(0, model, opt, sched)
+    torch.rand(3)  # the CPU generator moves on
+    b = anchor_of(0, model, opt, sched)
+    assert end_state_differences(a, a, tolerance=1e-6) == []
+    assert end_state_differences(b, a, tolerance=1e-6) == ["rng cpu"]
+    assert end_state_differences(b, a) == ["rng cpu"]
