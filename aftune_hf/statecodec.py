@@ -204,27 +204,29 @@ def decode_rng(tensors: Mapping[str, Any], meta: Any, *, path: str = "") -> dict
             state = p["state"]
             if len(state) != 625 or not all(type(x) is int and 0 <= x < 2**32 for x in state):
                 raise ValueError("python state")
-            out["python"] = (int(p["version"]), tuple(state), from_json_value(p["gauss"], path=path))
+            if type(p["version"]) is not int or set(p) != {"version", "state", "gauss"}:
+                raise ValueError("python version")
+            out["python"] = (p["version"], tuple(state), from_json_value(p["gauss"], path=path))
         if "numpy" in meta:
             n = meta["numpy"]
             keys = n["keys"]
             if len(keys) != 624 or not all(type(x) is int and 0 <= x < 2**32 for x in keys):
                 raise ValueError("numpy keys")
-            out["numpy"] = (
-                str(n["kind"]),
-                np.asarray(keys, dtype=np.uint32),
-                int(n["pos"]),
-                int(n["has_gauss"]),
-                float(from_json_value(n["cached_gaussian"], path=path)),
-            )
+            cached = from_json_value(n["cached_gaussian"], path=path)
+            if (set(n) != {"kind", "keys", "pos", "has_gauss", "cached_gaussian"} or type(n["kind"]) is not str
+                    or type(n["pos"]) is not int or type(n["has_gauss"]) is not int or type(cached) is not float):  # fmt: skip
+                raise ValueError("numpy state")  # exact types: the state is compared, never normalised
+            out["numpy"] = (n["kind"], np.asarray(keys, dtype=np.uint32), n["pos"], n["has_gauss"], cached)
     except (KeyError, TypeError, ValueError) as e:
         raise TraceFormatError("state_invalid", f"rng: {e}", path=path) from None
     lists = meta.get("lists", {})
     if not isinstance(lists, dict):
         raise TraceFormatError("state_invalid", "rng lists", path=path)
-    list_keys = {f"{k}.{i}" for k, n in lists.items() for i in range(int(n))}
+    list_keys = {f"{k}.{i}" for k, n in lists.items() if type(n) is int and 0 <= n <= 64 for i in range(n)}
     for k, n in lists.items():
-        out[k] = [tensors[f"{k}.{i}"] for i in range(int(n))]
+        if type(n) is not int or not 0 <= n <= 64 or any(f"{k}.{i}" not in tensors for i in range(n)):
+            raise TraceFormatError("state_invalid", f"rng list {k!r}", path=path)
+        out[k] = [tensors[f"{k}.{i}"] for i in range(n)]
     for key, t in tensors.items():
         if key not in list_keys:
             out[key] = t

@@ -273,3 +273,14 @@ def test_rng_is_compared_in_tolerance_mode_on_the_same_kind_of_device():
     assert end_state_differences(a, a, tolerance=1e-6) == []
     assert end_state_differences(b, a, tolerance=1e-6) == ["rng cpu"]
     assert end_state_differences(b, a) == ["rng cpu"]
+
+
+def test_an_integer_is_not_the_float_it_equals():
+    """Found by the resealing fuzzer: an anchor's lr 0.0 (warmup start, cosine end) replaced by the
+    integer 0 passed, because 0 == 0.0 in Python."""
+    from aftune_hf.verify.derive import same_value
+
+    assert same_value({"lr": 0.0, "n": [1, (2, 3)]}, {"lr": 0.0, "n": [1, (2, 3)]})
+    assert not same_value(0, 0.0) and not same_value(1, True) and not same_value([0.0], [0])
+    assert same_value(1.0, 1.0 + 1e-13, 1e-12) and not same_value(1.0, 1.0 + 1e-13)
+    assert not same_value(float("nan"), 1.0, 1e-12)

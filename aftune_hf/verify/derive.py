@@ -93,16 +93,14 @@ def derive_expected(contract: Contract, workdir: Path, parts: Any = None) -> Exp
 
 
 def same_value(a: Any, b: Any, rtol: float = 0.0) -> bool:
-    """Structural equality of decoded JSON-like values; floats within ``rtol`` (0: bit-equal)."""
-    if isinstance(a, float) or isinstance(b, float):
-        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or isinstance(a, bool) or isinstance(b, bool):
-            return False
-        a, b = float(a), float(b)
+    """Structural equality of decoded JSON-like values, types included (``0`` is not ``0.0``, ``1``
+    not ``True``); floats within ``rtol`` (0: bit-equal)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
         if rtol == 0.0 or not (math.isfinite(a) and math.isfinite(b)):
             return D.encode_float(a) == D.encode_float(b)
         return abs(a - b) <= rtol * max(abs(a), abs(b))
-    if type(a) is not type(b):
-        return False
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k], rtol) for k in a)
     if isinstance(a, (list, tuple)):
