@@ -110,7 +110,7 @@ def test_exact_mode_replays_with_the_same_world_size(write_contract, tmp_path, t
     assert [w["index"] for w in report["windows"]] == [0, 1] and report["data_check"]["steps_checked"] == 8
     assert all(s["state_equal"] for w in report["windows"] for s in w["steps"])  # bit-exact, both ranks
     one = verify_trace(honest, contract, nonce="d2")  # one process cannot replay DDP bit-exactly: it says so
-    assert one.verdict == "ERROR" and "--num_processes 2" in one.error
+    assert one.verdict == "ERROR" and "--processes 2" in one.error
 
     poisoned = tmp_path / "poisoned" / "trace"
     poisoned.parent.mkdir()
