@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..contract import Contract
 from ..errors import AftuneError, ClientArtifactError, ManifestMismatchError, ProviderFault
 from ..report import Failure
 from ..trace import Integrity, TraceReader
-from .derive import FLOAT_RTOL, Expected, derivable_differences, derive_expected
+from .derive import FLOAT_RTOL, Expected, derivable_differences, derive_expected, same_value
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def check_structure(reader: TraceReader, contract: Contract, workdir: Path, expe
     audit = contract.audit
     rtol = 0.0 if audit.mode == "exact" else FLOAT_RTOL
     for s, rec in steps.items():
-        if s and not same_float(D.decode_float(rec["lr"]), expected.lrs[s - 1], rtol):
+        if s and not same_value(D.decode_float(rec["lr"]), expected.lrs[s - 1], rtol):
             raise ContractViolationError("lr_schedule", f"recorded lr {D.decode_float(rec['lr']):.9g} is not the "
                                          f"contract's {expected.lrs[s - 1]:.9g}", step=s)  # fmt: skip
         need_anchor = s == 0 or s % audit.anchor_every == 0 or s == want
@@ -98,16 +97,6 @@ def check_structure(reader: TraceReader, contract: Contract, workdir: Path, expe
                 raise ContractViolationError("anchor_hyperparameters", "the anchor's derivable state is not the "
                                              f"contract's: {'; '.join(diffs[:4]) or 'not an anchor step'}", step=s)  # fmt: skip
     return integrity
-
-
-def same_float(a: float, b: float, rtol: float) -> bool:
-    if rtol == 0.0 or not (math.isfinite(a) and math.isfinite(b)):
-        return D.encode_float(a) == D.encode_float(b)
-    return abs(a - b) <= rtol * max(abs(a), abs(b))
-
-
-# --- replay policy ---------------------------------------------------------------------------------
-
 
 
 def check_client_artifacts(c: Contract) -> None:

@@ -21,8 +21,8 @@ from ..errors import AftuneError, ProviderFault, TraceFormatError, VerifierEnvir
 from ..replay import by_rank, replay_window
 from ..report import Failure, StepCheck, WindowResult
 from ..trace import Integrity, TraceReader
-from .derive import FLOAT_RTOL, Expected, derive_expected, end_state_differences
-from .structure import Challenge, same_float
+from .derive import FLOAT_RTOL, Expected, derive_expected, end_state_differences, same_value
+from .structure import Challenge
 
 Log = Callable[[str], None]
 LOSS_RTOL = 1e-3  # tolerance mode: loss and grad norm may differ by this relative amount
@@ -94,7 +94,7 @@ def check_window(
             problems.append("micro-batches differ")
         if f["num_items"] != rec["num_items"]:
             problems.append("num_items differs")
-        if D.encode_float(f["lr"]) != rec["lr"] and not (tolerance and same_float(f["lr"], D.decode_float(rec["lr"]), FLOAT_RTOL)):
+        if D.encode_float(f["lr"]) != rec["lr"] and not (tolerance and same_value(f["lr"], D.decode_float(rec["lr"]), FLOAT_RTOL)):
             problems.append(f"lr {f['lr']:.6g} != recorded {D.decode_float(rec['lr']):.6g}")
         loss_rec = D.decode_float(rec["loss"])
         grad_rec = None if rec["grad_norm"] is None else D.decode_float(rec["grad_norm"])
@@ -136,7 +136,7 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
-# --- the pipeline --------------------------------------------------------------------------------------
+# --- several windows ----------------------------------------------------------------------------------
 
 
 def check_windows(
