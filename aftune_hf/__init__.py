@@ -9,6 +9,7 @@ from .contract import Contract, Recipe, load_contract
 from .errors import AftuneError
 from .generate import wrap_generate
 from .hub import push_trace
+from .recipes import audited_trainer
 from .report import VerificationReport
 from .verify import verify_trace
 from .verify_inference import verify_inference
@@ -21,6 +22,7 @@ __all__ = [
     "Recipe",
     "VerificationReport",
     "__version__",
+    "audited_trainer",
     "load_contract",
     "push_trace",
     "verify_inference",

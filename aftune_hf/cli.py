@@ -1,6 +1,8 @@
 """The ``aftune`` console script.
 
     aftune contract FILE          validate a contract, print its digest
+    aftune contract init --model DIR --dataset PATH [--task T] [--lora R] [--set KEY=VALUE]... [-o FILE]
+    aftune digest PATH            the digest of a model directory, dataset file/folder or recipe module
     aftune inspect TRACE          check a trace's integrity and summarise it
     aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
@@ -32,6 +34,10 @@ def _contract(args: argparse.Namespace) -> int:
     from .artifacts import check_artifacts
     from .contract import load_contract
 
+    if args.file == "init":
+        return _contract_init(args)
+    if args.model or args.dataset:
+        raise ConfigError("usage", "--model/--dataset go with `aftune contract init`")
     c = load_contract(args.file)
     if args.check_artifacts:
         check_artifacts(c)
@@ -39,6 +45,30 @@ def _contract(args: argparse.Namespace) -> int:
         print(json.dumps({"digest": c.digest_hex(), "contract": c.canonical()}, indent=2))
     else:
         print(c.digest_hex())
+    return 0
+
+
+def _contract_init(args: argparse.Namespace) -> int:
+    from .scaffold import init_contract, parse_settings, write_contract
+
+    if not (args.model and args.dataset):
+        raise ConfigError("usage", "aftune contract init needs --model DIR and --dataset PATH")
+    out = args.output or "contract.yaml"
+    data = init_contract(args.model, args.dataset, task=args.task, lora=args.lora, trainer=args.trainer,
+                         recipe=args.recipe, settings=parse_settings(args.set or []), relative_to=os.path.dirname(os.path.abspath(out)))  # fmt: skip
+    write_contract(data, out, force=args.force)
+    from .contract import load_contract
+
+    print(f"wrote {out} (contract digest {load_contract(out).digest_hex()})")
+    return 0
+
+
+def _digest(args: argparse.Namespace) -> int:
+    from .scaffold import digest_path
+
+    if not os.path.exists(args.path) and ":" not in args.path:
+        raise ConfigError("not_found", "no such file or directory", path=args.path)
+    print(digest_path(args.path))
     return 0
 
 
@@ -230,11 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aftune", description="Auditable fine-tuning for the Hugging Face stack.")
     parser.add_argument("--version", action="version", version=f"aftune_hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("contract", help="validate a contract and print its digest")
-    p.add_argument("file")
+    p = sub.add_parser("contract", help="validate a contract and print its digest; `contract init` writes one")
+    p.add_argument("file", help="the contract YAML, or `init` to write a new one")
     p.add_argument("--check-artifacts", action="store_true", help="also hash the local base model and dataset")
     p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("contract init")
+    g.add_argument("--model", help="base model directory (config.json, *.safetensors, tokenizer)")
+    g.add_argument("--dataset", help="dataset file or folder (json/jsonl/csv/parquet/txt)")
+    g.add_argument("--task", default="causal_lm", choices=["causal_lm", "sequence_classification"])
+    g.add_argument("--lora", type=_positive_int, metavar="R", help="LoRA of rank R (default: full fine-tune)")
+    g.add_argument("--trainer", default="transformers:Trainer", help="module:Class, e.g. trl:SFTTrainer")
+    g.add_argument("--recipe", help="your own recipe module:function (its source is bound by recipe_digest)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field, e.g. training.max_steps=200")
+    g.add_argument("-o", "--output", help="where to write (default contract.yaml)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_contract)
+    p = sub.add_parser("digest", help="print the digest of a model directory, dataset file/folder or recipe module")
+    p.add_argument("path", help="model directory, dataset path, recipe .py file or module:function")
+    p.set_defaults(func=_digest)
     p = sub.add_parser("inspect", help="check a trace's integrity and summarise it")
     p.add_argument("trace")
     p.add_argument("--json", action="store_true")

@@ -21,13 +21,14 @@ import dataclasses
 import importlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
 from . import digest as D
+from .dataschema import build_dataclass, plain
 from .errors import ConfigError
 
 CONTRACT_VERSION = 1
@@ -56,6 +57,36 @@ class Lora:
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     init_lora_weights: bool = True
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] | None = None  # fully trained modules besides the adapter (a new head)
+    task_type: Literal["CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"] | None = None
+
+
+@dataclass(frozen=True)
+class Data:
+    """How the generic recipes (:mod:`aftune_hf.recipes.generic`) read ``dataset.path`` with ``datasets``.
+
+    ``builder`` is a ``datasets.load_dataset`` builder; ``files`` are names or globs inside
+    ``dataset.path`` when it is a directory (empty: every file). One of: ``text_column`` (plain
+    language modelling), ``prompt_column`` + ``response_column`` (the prompt optionally rendered
+    with ``prompt_template`` and/or the tokenizer's chat template; masked out of the loss when
+    ``mask_prompt``), ``messages_column`` (chat messages rendered with the chat template), or for
+    classification ``text_column`` (+ ``text_pair_column``) and ``label_column``.
+    """
+
+    builder: Literal["json", "jsonl", "csv", "parquet", "text"] = "json"
+    files: tuple[str, ...] = ()
+    split: str = "train"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+    prompt_template: str | None = None
+    chat_template: bool = False
+    mask_prompt: bool = True
+    label_column: str = "label"
+    num_labels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +150,10 @@ class Contract:
     audit: Audit = field(default_factory=Audit)
     peft: Lora | None = None
     recipe_args: Mapping[str, Any] = field(default_factory=dict)
+    data: Data | None = None
+    trainer: str = "transformers:Trainer"  # the Trainer class the provider runs and the verifier replays with
+    trainer_args: Mapping[str, Any] = field(default_factory=dict)  # its own config fields (e.g. SFTConfig's)
+    recipe_digest: str | None = None  # file digest of the recipe module's source (aftune digest RECIPE.py)
     name: str = ""
     aftune_contract: int = CONTRACT_VERSION
     source_dir: Path | None = field(default=None, compare=False, repr=False)
@@ -128,9 +163,17 @@ class Contract:
             raise ConfigError("contract_version", f"unsupported version {self.aftune_contract}")
         if ":" not in self.recipe:
             raise ConfigError("invalid_recipe", f"expected 'module:function', got {self.recipe!r}")
-        for key, v in self.recipe_args.items():
-            if not isinstance(v, (str, int, float, bool)) or v is None:
-                raise ConfigError("invalid_recipe_args", f"recipe_args.{key} must be a scalar")
+        if ":" not in self.trainer:
+            raise ConfigError("invalid_trainer", f"expected 'module:Class', got {self.trainer!r}")
+        for section in ("recipe_args", "trainer_args"):
+            for key, v in getattr(self, section).items():
+                if not isinstance(v, (str, int, float, bool)) or v is None:
+                    raise ConfigError(f"invalid_{section}", f"{section}.{key} must be a scalar")
+        clash = sorted(set(self.trainer_args) & set(self.training_arguments_kwargs()))
+        if clash:
+            raise ConfigError("invalid_trainer_args", f"trainer_args may not set training fields {clash}")
+        if self.recipe_digest is not None:
+            Artifact("", self.recipe_digest)  # same validation as an artifact digest
         t, a = self.training, self.audit
         _positive(t.max_steps, "training.max_steps")
         _positive(t.per_device_train_batch_size, "training.per_device_train_batch_size")
@@ -155,18 +198,18 @@ class Contract:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source_dir: Path | None = None) -> Contract:
         """Build from a parsed mapping; unknown keys and wrong types raise :class:`ConfigError`."""
-        obj = _build(cls, data, "")
+        obj = build_dataclass(cls, data, "")
         return dataclasses.replace(obj, source_dir=source_dir)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (YAML-able) of every field, including local paths."""
-        return _plain(self)
+        return plain(self)
 
     # -- digest ------------------------------------------------------------------------------
 
     def canonical(self) -> dict[str, Any]:
         """The canonical form that is hashed: local paths dropped, floats exact, keys sorted."""
-        data = _plain(self)
+        data = plain(self)
         for art in ("base_model", "dataset"):
             data[art].pop("path")
         return D.exact_floats(data)
@@ -233,8 +276,14 @@ class Contract:
 class Recipe:
     """What a recipe function returns: the parts both provider and verifier build a Trainer from.
 
-    A recipe is ``def build(contract: Contract, output_dir: str) -> Recipe``; see
-    :mod:`aftune_hf.recipes.causal_lm` for the built-in one.
+    A recipe is ``def build(contract: Contract, output_dir: str, **overrides) -> Recipe``: it must
+    forward ``overrides`` to :func:`aftune_hf.recipes.common.training_arguments` (the verifier
+    passes ``save_strategy="no"``, ``eval_strategy="no"``...). Built in:
+    :mod:`aftune_hf.recipes.generic`; the rules for your own are in docs/RECIPES.md.
+
+    Example:
+        >>> parts = load_recipe(contract)(contract, "runs/out")                      # doctest: +SKIP
+        >>> trainer = trainer_class(contract)(**parts.trainer_kwargs(), callbacks=[...])  # doctest: +SKIP
     """
 
     model: Any
@@ -274,102 +323,71 @@ def load_contract(path: str | Path) -> Contract:
     return Contract.from_dict(data, source_dir=p.resolve().parent)
 
 
-def load_recipe(contract: Contract) -> Callable[..., Any]:
-    """Import the contract's recipe function (``module:function``)."""
-    module_name, _, func_name = contract.recipe.partition(":")
+def load_object(spec: str, code: str) -> Any:
+    """Import ``module:attribute``; a failure is :class:`ConfigError` ``code``."""
+    module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-        fn = getattr(module, func_name)
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise ConfigError("recipe_not_found", f"{contract.recipe}: {e}") from None
+        raise ConfigError(code, f"{spec}: {e} (it must be importable here: installed, or on PYTHONPATH)") from None
+    return obj
+
+
+def recipe_source_digest(contract: Contract) -> str:
+    """File digest (hex) of the source of the module that defines the contract's recipe."""
+    import inspect
+
+    fn = load_object(contract.recipe, "recipe_not_found")
+    try:
+        source = inspect.getsourcefile(inspect.getmodule(fn) or fn)
+    except TypeError:
+        source = None
+    if not source:
+        raise ConfigError("recipe_not_found", f"{contract.recipe}: no source file to digest")
+    return D.file_digest(Path(source)).hex()
+
+
+def load_recipe(contract: Contract) -> Callable[..., Any]:
+    """Import the contract's recipe function (``module:function``), checking ``recipe_digest``.
+
+    The function returned seeds the global RNGs with ``training.seed`` before calling the recipe,
+    so new weights (an adapter, a head) are the same wherever the recipe runs.
+
+    Raises:
+        ConfigError: not importable, not callable, or its module's source is not the one the
+            contract binds (``recipe_mismatch``).
+    """
+    import functools
+
+    fn = load_object(contract.recipe, "recipe_not_found")
     if not callable(fn):
         raise ConfigError("recipe_not_found", f"{contract.recipe} is not callable")
-    return fn
+    if contract.recipe_digest is not None and (have := recipe_source_digest(contract)) != contract.recipe_digest:
+        raise ConfigError("recipe_mismatch", f"the recipe module's source hashes to {have}, the contract binds "
+                          f"{contract.recipe_digest}: another version of {contract.recipe}")  # fmt: skip
+
+    @functools.wraps(fn)
+    def seeded(c: Contract, output_dir: str, **overrides: Any) -> Any:
+        from transformers import set_seed
+
+        set_seed(c.training.seed)
+        try:
+            return fn(c, output_dir, **overrides)
+        except TypeError as e:
+            if "unexpected keyword argument" in str(e) and any(f"'{k}'" in str(e) for k in overrides):
+                raise ConfigError("recipe_signature", f"{c.recipe} must accept and forward **overrides "
+                                  f"(docs/RECIPES.md): {e}") from None  # fmt: skip
+            raise
+
+    return seeded
 
 
-# --- dataclass (de)serialisation -----------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------------
 
 
 def _positive(v: int, name: str) -> None:
     if v < 1:
         raise ConfigError("invalid_value", f"{name} must be >= 1, got {v}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError("contract_invalid", f"{where or 'contract'} must be a mapping")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.name != "source_dir"}
-    unknown = sorted(set(map(str, data)) - known)
-    if unknown:
-        raise ConfigError(
-            "unknown_key", f"{', '.join(where + k for k in unknown)} (allowed: {', '.join(sorted(known))})"
-        )
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], where + f.name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError("missing_key", f"{where}{f.name} is required")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError("contract_invalid", f"{where or 'contract'}: {e}") from None
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where + ".")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError("invalid_value", f"{where}={value!r}, expected one of {list(args)}")
-        return value
-    if args and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError("invalid_value", f"{where} must be a non-empty list")
-        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is Mapping or tp is Mapping:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError("invalid_value", f"{where} must be a mapping with string keys")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError("invalid_value", f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError("invalid_value", f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError("invalid_value", f"{where} must be a number, got {value!r}")
-        try:
-            out = float(value)  # PyYAML reads '1e-3' as a string: accept numeric strings
-        except (TypeError, ValueError):
-            raise ConfigError("invalid_value", f"{where} must be a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise ConfigError("invalid_value", f"{where} must be finite")
-        return out
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError("invalid_value", f"{where} must be a string, got {value!r}")
-        return value
-    raise ConfigError("invalid_value", f"{where}: unsupported type {tp}")  # pragma: no cover
-
-
-def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if f.name != "source_dir"}
-    if isinstance(obj, tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj

@@ -22,6 +22,7 @@ from typing import Any
 from ..artifacts import model_dir_digest
 from ..contract import Contract, Recipe
 from ..errors import ConfigError
+from .common import apply_peft, check_recipe_args, training_arguments
 from .tokenizer import VOCAB_SIZE, byte_tokenizer
 
 PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
@@ -87,17 +88,11 @@ def build(contract: Contract, output_dir: str, **training_overrides: Any) -> Rec
     """
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, set_seed
 
     t = contract.training
-    unknown = set(contract.recipe_args) - _RECIPE_ARGS
-    if unknown:
-        raise ConfigError("invalid_recipe_args", f"unknown recipe_args {sorted(unknown)}")
-    fixed = contract.training_arguments_kwargs()
-    clash = sorted(set(training_overrides) & set(fixed))
-    if clash:
-        raise ConfigError("override_contract", f"the contract fixes {clash}")
-
+    check_recipe_args(contract, _RECIPE_ARGS)
+    args = training_arguments(contract, output_dir, **training_overrides)
     set_seed(t.seed)  # adapter initialisation must be the same for provider and verifier
     tokenizer = byte_tokenizer(padding_side=t.padding.side)
     model = AutoModelForCausalLM.from_pretrained(  # fp32 master weights; bf16/fp16 is autocast
@@ -106,23 +101,7 @@ def build(contract: Contract, output_dir: str, **training_overrides: Any) -> Rec
         attn_implementation=t.attn_implementation,
         attention_dropout=float(contract.recipe_args.get("dropout", 0.0)),
     )
-    if contract.peft is not None:
-        from peft import LoraConfig, get_peft_model
-
-        p = contract.peft
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=p.r,
-                lora_alpha=p.lora_alpha,
-                target_modules=list(p.target_modules),
-                lora_dropout=p.lora_dropout,
-                bias=p.bias,
-                use_rslora=p.use_rslora,
-                init_lora_weights=p.init_lora_weights,
-                task_type="CAUSAL_LM",
-            ),
-        )
+    model = apply_peft(model, contract, "CAUSAL_LM")
 
     def tokenize(row: dict[str, str]) -> dict[str, list[int]]:
         prompt = tokenizer(PROMPT.format(instruction=row["instruction"]))["input_ids"]
@@ -136,10 +115,4 @@ def build(contract: Contract, output_dir: str, **training_overrides: Any) -> Rec
     collator = DataCollatorForSeq2Seq(
         tokenizer, padding="longest", pad_to_multiple_of=t.padding.pad_to_multiple_of, return_tensors="pt"
     )
-    args = TrainingArguments(
-        output_dir=output_dir,
-        **fixed,
-        **{"report_to": "none", "save_strategy": "no", "logging_steps": 1, "use_cpu": not torch.cuda.is_available(),
-           "dataloader_num_workers": 0, **training_overrides},
-    )  # fmt: skip
     return Recipe(model, args, dataset, collator, tokenizer)
