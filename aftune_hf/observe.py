@@ -19,11 +19,20 @@ from .errors import RecorderError
 from .live import trainable_params
 
 
+def fed_digest(args: tuple, kwargs: dict) -> tuple[bytes, int | None]:
+    """Batch digest of what one forward call was fed, and its ``num_items_in_batch`` (which the
+    Trainer adds to the call; it is committed on its own, not in the digest)."""
+    if args:
+        raise RecorderError("capture_failed", "the model was called with positional tensors")
+    n = kwargs.get("num_items_in_batch")
+    return D.batch_digest({k: v for k, v in kwargs.items() if k != "num_items_in_batch"}), None if n is None else int(n)
+
+
 class StepCapture:
     """Forward hooks that capture, per optimizer step, what the model was fed and returned.
 
-    Only forwards in training mode between ``begin()`` and ``end()`` count, so evaluation,
-    prediction and generation are ignored.
+    Only forwards in training mode with autograd on between ``begin()`` and ``end()`` count, so
+    evaluation, prediction, generation and a trainer's extra no-grad metrics forward are ignored.
     """
 
     def __init__(self) -> None:
@@ -53,17 +62,18 @@ class StepCapture:
         loss = math.nan if self.loss is None else float(self.loss)
         return self.batches, self.num_items, loss
 
+    def _counts(self, module: torch.nn.Module) -> bool:
+        return self.active and module.training and torch.is_grad_enabled()
+
     def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (self.active and module.training):
+        if not self._counts(module):
             return
-        if args:
-            raise RecorderError("capture_failed", "the model was called with positional tensors")
-        n = kwargs.get("num_items_in_batch")
-        self.batches.append(D.batch_digest({k: v for k, v in kwargs.items() if k != "num_items_in_batch"}))
-        self.num_items = None if n is None else int(n)
+        digest, n = fed_digest(args, kwargs)
+        self.batches.append(digest)
+        self.num_items = n
 
     def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not (self.active and module.training):
+        if not self._counts(module):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
