@@ -23,6 +23,12 @@ from .errors import ConfigError, ContractViolationError
 
 # config.json keys that record the writer's environment, not the architecture
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path"})
+# config keys that only matter in training mode (dropout) or are runtime switches: an eval-mode
+# forward pass is the same whatever they say
+TRAINING_ONLY_CONFIG_KEYS = frozenset({
+    "attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+    "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout", "summary_first_dropout",
+    "lora_dropout", "use_cache", "ffn_dropout", "embedding_dropout", "seq_classif_dropout"})  # fmt: skip
 
 
 def architecture_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -30,8 +36,15 @@ def architecture_config(config: dict[str, Any]) -> dict[str, Any]:
     return D.exact_floats({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS})
 
 
+# files beside the weights that change what the model computes or how its inputs are made
+COMPANION_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")  # fmt: skip
+
+
 def model_dir_digest(path: str | Path) -> bytes:
-    """Digest of a Hugging Face model directory (``config.json`` + ``*.safetensors``)."""
+    """Digest of a Hugging Face model directory: its tensors (``*.safetensors``), ``config.json``
+    and the tokenizer / chat template / generation files there (:data:`COMPANION_FILES`)."""
     from safetensors.torch import load_file
 
     root = Path(path)
@@ -45,7 +58,8 @@ def model_dir_digest(path: str | Path) -> bytes:
                 raise ConfigError("model_invalid", f"tensor {name} in two shards", path=str(root))
             tensors[name] = t
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    return D.model_digest(D.state_digest(tensors), architecture_config(config))
+    companions = {n: D.file_digest(root / n) for n in COMPANION_FILES if (root / n).is_file()}
+    return D.model_digest(D.state_digest(tensors), architecture_config(config), D.files_digest(companions))
 
 
 def dataset_digest(path: str | Path) -> bytes:

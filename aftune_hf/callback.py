@@ -35,7 +35,7 @@ from .card import render_card
 from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
-from .live import contract_differences, make_anchor, on_host, trainable_params, unwrap
+from .live import contract_differences, make_anchor, on_host, rng_states, running_trainer, set_rng_states, trainable_params, unwrap
 from .observe import StepObserver
 from .trace import FORMAT_VERSION, Anchor, TraceWriter, schema_of
 
@@ -125,6 +125,7 @@ class AuditCallback(StepObserver):
         self.push_result: Any = None
         self.root: dict[str, Any] | None = None
         self.rank, self.world, self._device = 0, 1, "cpu"
+        self._rng_hold: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -132,6 +133,7 @@ class AuditCallback(StepObserver):
                        train_dataloader=None, **kwargs):  # fmt: skip
         with self._abort_on_error():
             self._begin(args, state, model, optimizer, lr_scheduler, train_dataloader)
+        self._rng_hold = rng_states()  # what step 1 consumes, even after an eval_on_start
 
     def _begin(self, args, state, model, optimizer, lr_scheduler, train_dataloader) -> None:
         # Multi-process (DDP under accelerate launch / torchrun): every rank checks the contract and
@@ -142,6 +144,7 @@ class AuditCallback(StepObserver):
             diffs = contract_differences(
                 self.contract, args, model, train_dataloader,
                 check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft),
+                trainer=running_trainer(),
             )  # fmt: skip
             if diffs:
                 raise ContractViolationError(
@@ -210,7 +213,14 @@ class AuditCallback(StepObserver):
         logger.info("aftune: resumed trace at step %d", step)
         return writer
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Evaluation between two steps draws from the global RNG (creating a DataLoader iterator does);
+        # the next training step must consume the RNG the last anchor committed, as a replay does.
+        if self._rng_hold is not None:
+            set_rng_states(self._rng_hold)
+
     def on_step_begin(self, args, state, control, **kwargs):
+        self._rng_hold = None
         if self.world == 1:  # with several processes the check runs at the step-end sync
             with self._abort_on_error():
                 self._check_bg()
@@ -227,6 +237,7 @@ class AuditCallback(StepObserver):
         audit, step = self.contract.audit, state.global_step
         last = step == self.contract.training.max_steps
         anchored = step % audit.anchor_every == 0 or last
+        self._rng_hold = rng_states()
         with self._failing_together():
             self._check_bg()
             fields, params = self.observe(state, model, state_digest=False)

@@ -277,9 +277,10 @@ def files_digest(files: Mapping[str, bytes]) -> bytes:
     return named_digest(files, FILES_TREE)
 
 
-def model_digest(state: bytes, config: Mapping[str, Any]) -> bytes:
-    """Digest of a model: its tensor state digest bound to its canonical architecture config."""
-    return hash_bytes("model", state, json_digest(dict(config)))
+def model_digest(state: bytes, config: Mapping[str, Any], files: bytes | None = None) -> bytes:
+    """Digest of a model: its tensor state digest bound to its canonical architecture config (and
+    the :func:`files_digest` of its tokenizer and other companion files, when given)."""
+    return hash_bytes("model", state, json_digest(dict(config)), *(() if files is None else (files,)))
 
 
 def anchor_digest(parts: Mapping[str, bytes]) -> bytes:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import digest as D
-from .artifacts import architecture_config
+from .artifacts import TRAINING_ONLY_CONFIG_KEYS, architecture_config
 from .errors import ConfigError
 from .live import unwrap
 from .records import CALL_CONFIG_KEYS
@@ -133,11 +133,14 @@ def served_weights(model: Any) -> dict[str, str | None]:
     }
 
 
-_RUNTIME_CONFIG_KEYS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict", "dtype", "torch_dtype"}
+_RUNTIME_CONFIG_KEYS = TRAINING_ONLY_CONFIG_KEYS | {"output_attentions", "output_hidden_states", "return_dict", "dtype",
+                                                    "torch_dtype"}  # fmt: skip
 
 
 def _architecture(config: Any) -> dict[str, Any]:
-    """A model config without its runtime switches (the Trainer flips ``use_cache``, for one)."""
+    """A model config without its runtime switches and training-only fields (the Trainer flips
+    ``use_cache``; a recipe's dropout is not in the served model's ``config.json``): what an
+    eval-mode forward pass depends on."""
     return {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
 
 

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import digest as D
-from .artifacts import architecture_config, dataset_digest
+from .artifacts import dataset_digest
 from .contract import Contract
 from .statecodec import encode_optimizer, encode_rng, optimizer_param_names, to_json_value
 from .trace import Anchor
@@ -68,6 +67,15 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def make_anchor(
     step: int, model: Any, optimizer: Any, lr_scheduler: Any, trainer_state: Any, *, copy: bool = True
 ) -> Anchor:
@@ -98,28 +106,79 @@ def make_anchor(
 
 
 def base_state(model: Any) -> dict[str, torch.Tensor]:
-    """The base model's tensors under their checkpoint names (LoRA layers removed)."""
+    """The base model's tensors under their checkpoint names (adapter layers and PEFT's trained
+    copies of ``modules_to_save`` removed; their original modules kept)."""
     m = unwrap(model)
-    if hasattr(m, "get_base_model"):
-        sd = m.get_base_model().state_dict()
-        return {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
-    return m.state_dict()
+    if not hasattr(m, "get_base_model"):
+        return m.state_dict()
+    out = {}
+    for k, v in m.get_base_model().state_dict().items():
+        if "lora_" in k or ".modules_to_save." in k:
+            continue
+        out[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = v
+    return out
 
 
-def live_base_digest(model: Any, base_dir: Path) -> bytes:
-    """Model digest of the *live* base weights (names from the base model's safetensors files)."""
+def base_differences(model: Any, base_dir: Path) -> list[str]:
+    """Base tensors the live model holds with other values than the base model's files. Tensors of
+    the files the model does not use (an MLM head under a new classifier) and new tensors are fine;
+    a model sharing no tensor with the files is not built from them."""
     from safetensors import safe_open
 
     live = base_state(model)
-    names: list[str] = []
+    prefix = getattr(unwrap(model), "base_model_prefix", "") or ""
+    shared, differ = 0, []
     for f in sorted(base_dir.glob("*.safetensors")):
         with safe_open(f, "pt") as fh:
-            names.extend(fh.keys())
-    missing = [n for n in names if n not in live]
-    if missing:
-        return b"missing:" + ",".join(missing[:3]).encode()
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    return D.model_digest(D.state_digest({n: live[n] for n in names}), architecture_config(config))
+            for name in fh.keys():
+                have = live.get(name, live.get(f"{prefix}.{name}") if prefix else None)
+                if have is None:
+                    continue
+                shared += 1
+                want = fh.get_tensor(name)
+                if have.shape != want.shape or not torch.equal(have.detach().to("cpu", want.dtype), want):
+                    differ.append(name)
+    if not shared:
+        return ["base_model.digest: the live model holds none of the base model's tensors"]
+    return [f"base_model.digest: {len(differ)} live tensors differ from the base model's files (e.g. {differ[0]})"] if differ else []
+
+
+def running_trainer() -> Any:
+    """The ``transformers.Trainer`` whose ``train()`` is on the call stack (None if not found)."""
+    import sys
+
+    import transformers
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, transformers.Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+# packages whose Trainer subclasses compute differently from their base (trl.SFTTrainer): named exactly
+TRAINER_LIBRARIES = frozenset({"transformers", "trl", "peft", "accelerate", "sentence_transformers", "setfit", "unsloth"})
+
+
+def trainer_differences(contract: Contract, live: type) -> list[str]:
+    """The verifier replays with the contract's Trainer class: another library's class is another
+    computation (refused); a user's own subclass of it is accepted with a warning."""
+    import logging
+
+    from .recipes.common import trainer_class
+
+    want = trainer_class(contract)
+    if live is want:
+        return []
+    name = f"{live.__module__}:{live.__qualname__}"
+    if issubclass(live, want) and live.__module__.split(".")[0] not in TRAINER_LIBRARIES:
+        logging.getLogger(__name__).warning("aftune: training with %s; the verifier replays with the contract's %s, "
+                                            "so the subclass must not change the computation", name, contract.trainer)
+        return []
+    return [f"trainer: contract={contract.trainer!r}, live={name!r} (the contract's trainer field names the class "
+            "you train with)"]
 
 
 def _norm(v: Any) -> Any:
@@ -127,7 +186,8 @@ def _norm(v: Any) -> Any:
 
 
 def contract_differences(
-    contract: Contract, args: Any, model: Any, train_dataloader: Any = None, *, check_base: bool = True
+    contract: Contract, args: Any, model: Any, train_dataloader: Any = None, *, check_base: bool = True,
+    trainer: Any = None,
 ) -> list[str]:
     """Every way the live run differs from ``contract``, as ``"field: contract=X, live=Y"`` lines."""
     diffs: list[str] = []
@@ -135,6 +195,21 @@ def contract_differences(
     def cmp(name: str, want: Any, have: Any) -> None:
         if want != have:
             diffs.append(f"{name}: contract={want!r}, live={have!r}")
+
+    if trainer is not None:
+        diffs += trainer_differences(contract, type(trainer))
+    from .recipes.common import argument_differences
+
+    diffs += argument_differences(contract, args)
+    if contract.recipe_digest is not None:
+        from .contract import recipe_source_digest
+
+        cmp("recipe_digest", contract.recipe_digest, recipe_source_digest(contract))
+    for key, want in contract.trainer_args.items():
+        have = _norm(getattr(args, key, None))
+        if isinstance(want, float) and isinstance(have, int) and not isinstance(have, bool):
+            have = float(have)
+        cmp(f"trainer_args.{key}", want, have)
 
     for key, want in contract.training_arguments_kwargs().items():
         have = _norm(getattr(args, key, None))
@@ -145,6 +220,12 @@ def contract_differences(
     m = unwrap(model)
     cfg = (m.get_base_model() if hasattr(m, "get_base_model") else m).config
     cmp("training.attn_implementation", contract.training.attn_implementation, getattr(cfg, "_attn_implementation", None))
+    if train_dataloader is not None and _norm(getattr(args, "train_sampling_strategy", None)) == "group_by_length":
+        n, ga = len(train_dataloader), contract.training.gradient_accumulation_steps
+        if contract.training.max_steps > max(n // ga + int(n % ga > 0), 1):  # its sampler draws from the global RNG
+            diffs.append("train_sampling_strategy: group_by_length over more than one epoch draws each later epoch's "
+                         "batch order from the training RNG, which no data check can re-derive; train one epoch "
+                         "or sample at random")  # fmt: skip
     if train_dataloader is not None:
         collator = getattr(train_dataloader, "collate_fn", None)
         collator = getattr(collator, "data_collator", collator)
@@ -174,13 +255,21 @@ def contract_differences(
             cmp("peft.target_modules", sorted(p.target_modules), sorted(live_cfg.target_modules or []))
             cmp("peft.bias", p.bias, live_cfg.bias)
             cmp("peft.use_rslora", p.use_rslora, bool(live_cfg.use_rslora))
-        extra = sorted(n for n in trainable if "lora_" not in n)
+            cmp("peft.use_dora", p.use_dora, bool(getattr(live_cfg, "use_dora", False)))
+            if p.modules_to_save is not None:  # peft adds a classification task's head names itself
+                auto = {"classifier", "score"} if _norm(live_cfg.task_type) == "SEQ_CLS" else set()
+                cmp("peft.modules_to_save", sorted(set(p.modules_to_save) | auto), sorted(set(live_cfg.modules_to_save or []) | auto))
+            if p.task_type is not None:
+                cmp("peft.task_type", p.task_type, _norm(live_cfg.task_type))
+        extra = sorted(n for n in trainable if "lora_" not in n and ".modules_to_save." not in n)
         if extra:
             diffs.append(f"trainable parameters: contract=LoRA only, live also trains {extra[:3]}")
     if check_base:
+        from .artifacts import model_dir_digest
+
         base_dir = contract.resolve(contract.base_model.path)
-        have = live_base_digest(m, base_dir)
-        cmp("base_model.digest", contract.base_model.digest, have.hex() if len(have) == 32 else have.decode())
+        cmp("base_model.digest", contract.base_model.digest, model_dir_digest(base_dir).hex())
+        diffs += base_differences(m, base_dir)
     data_path = contract.resolve(contract.dataset.path)
     if data_path.exists():
         cmp("dataset.digest", contract.dataset.digest, dataset_digest(data_path).hex())

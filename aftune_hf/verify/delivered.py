@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import digest as D
+from ..artifacts import TRAINING_ONLY_CONFIG_KEYS
 from ..errors import ManifestMismatchError
 from ..safeio import loads_json_strict, parse_safetensors, read_regular_file
 
 CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")
-_DROPOUT = {"attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
-            "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout", "summary_first_dropout",
-            "lora_dropout", "use_cache"}  # fmt: skip
-IGNORED_FIELDS = frozenset(_DROPOUT | {"transformers_version", "_name_or_path", "base_model_name_or_path", "revision",
+IGNORED_FIELDS = frozenset(TRAINING_ONLY_CONFIG_KEYS | {"transformers_version", "_name_or_path", "base_model_name_or_path", "revision",
                                        "inference_mode", "peft_version"})  # fmt: skip
 _MAX_CONFIG = 4 << 20
 
