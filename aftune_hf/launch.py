@@ -42,7 +42,8 @@ from .errors import AftuneError, ProviderFault
 from .replay import sanitized_env
 from .report import ERROR, FAIL, PASS, VerificationReport, merge_reports, report_from_json
 from .trace import Integrity, TraceReader
-from .verify import Challenge, check_windows, make_challenge, window_failures
+from .verify import Challenge, check_windows, environment_error, make_challenge, window_failures
+from .verify.env import adopt_environment
 
 
 def _positive_int(text: str) -> int:
@@ -152,10 +153,11 @@ def verify_as_recorded(a: argparse.Namespace, state: PartialState, c: Contract, 
         return VerificationReport(ERROR, c.digest_hex(), c.audit.mode, nonce=nonce, error=(
             f"the trace was recorded by {c.training.world_size} processes; exact replay needs as many "
             f"(accelerate launch --num_processes {c.training.world_size}), {state.num_processes} started"))  # fmt: skip
-    windows = []
+    windows, env_diffs = [], []
     try:
         if checked is not None and checked[2].chosen:
             reader, integrity, challenge = checked
+            env_diffs = adopt_environment(reader.header()["environment"])  # the recorder's threads, per process
             with tempfile.TemporaryDirectory(prefix=f"aftune-verify-rank{state.process_index}-") as tmp:
                 windows = check_windows(c, reader, integrity, challenge, list(challenge.chosen), Path(tmp),
                                         distributed=True, progress=state.is_main_process)  # fmt: skip
@@ -166,6 +168,9 @@ def verify_as_recorded(a: argparse.Namespace, state: PartialState, c: Contract, 
     if not state.is_main_process:
         return None  # every process replayed the same windows with the same gathered steps
     failures = tuple(f for w in windows for f in window_failures(w))
+    if failures and env_diffs:
+        return VerificationReport(ERROR, c.digest_hex(), c.audit.mode, nonce=nonce, windows=tuple(windows),
+                                  failures=failures, error=environment_error(env_diffs))  # fmt: skip
     replayed = VerificationReport(FAIL if failures else PASS, c.digest_hex(), c.audit.mode, nonce=nonce,
                                   windows=tuple(windows), failures=failures)  # fmt: skip
     return merge_reports([run_shard(a, nonce, [], data_check=True), replayed])

@@ -51,17 +51,34 @@ def schema_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...
 
 
 def environment() -> dict[str, str]:
-    """A fingerprint of the numerics environment, stored in the header (informational)."""
-    import torch
-    import transformers
+    """The numerics environment of this process, stored in the header. Exact mode needs the
+    verifier's to match (:mod:`aftune_hf.verify.env`); tolerance mode only reports it."""
+    import importlib.metadata
 
+    import torch
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "none"
+
+    gpu = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "trl": version("trl"),
+        "accelerate": version("accelerate"),
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "threads": str(torch.get_num_threads()),
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()) if gpu else "none",
+        "deterministic": str(torch.are_deterministic_algorithms_enabled()),
     }
 
 

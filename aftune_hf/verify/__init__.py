@@ -29,6 +29,7 @@ from ..report import ERROR, FAIL, INCONCLUSIVE, PASS, DataCheck, Detection, Fail
 from ..trace import Integrity, TraceReader
 from .delivered import check_delivered
 from .derive import derive_expected
+from .env import adopt_environment
 from .structure import Challenge, check_client_artifacts, check_structure, failure_from, make_challenge, window_bounds
 from .window import Log, check_window, check_windows, distance, window_failures
 
@@ -69,6 +70,9 @@ def verify_trace(
     base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex(), source=str(trace),
                 tolerance=c.audit.tolerance, contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []
+    import torch
+
+    threads = torch.get_num_threads()  # exact mode adopts the recorder's; this process gets its own back
     try:
         with tempfile.TemporaryDirectory(prefix="aftune-verify-") as tmp:
             work = Path(tmp)
@@ -91,6 +95,7 @@ def verify_trace(
             except ProviderFault as e:
                 failures.append(failure_from("structure", e))
                 return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
+            env_diffs = adopt_environment(reader.header()["environment"], say) if c.audit.mode == "exact" else []
             root_hex = integrity.trace_root.hex()
             challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
             detection = Detection.compute(len(challenge.bounds), len(challenge.chosen), c.audit.detect_fraction,
@@ -107,6 +112,9 @@ def verify_trace(
             results = check_windows(c, reader, integrity, challenge, todo, work, say=say, progress=progress,
                                     expected=expected)  # fmt: skip
             failures.extend(f for res in results for f in window_failures(res))
+            if env_diffs and failures and all(f.check == "replay" for f in failures):
+                return VerificationReport(ERROR, **base, trace_root=root_hex, windows=tuple(results), failures=tuple(failures),
+                                          seconds=time.perf_counter() - t0, error=environment_error(env_diffs))  # fmt: skip
             verdict = FAIL if failures else INCONCLUSIVE if detection.achieved < detection.required else PASS
             return VerificationReport(
                 verdict, **base, trace_root=root_hex, seed=challenge.seed.hex(), num_steps=integrity.num_steps,
@@ -118,6 +126,14 @@ def verify_trace(
             failures.append(failure_from("structure", e))
             return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
         return VerificationReport(ERROR, **base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def environment_error(diffs: Sequence[str]) -> str:
+    """The ERROR of an exact replay that differs where the environment is not the recorder's."""
+    return ("exact replay differs, but this is not the recorder's environment, so it proves nothing about the "
+            "provider: " + "; ".join(diffs) + ". Verify where these match, or agree on tolerance mode.")  # fmt: skip
 
 
 def _data_check(c: Contract, integrity: Integrity, work: Path, failures: list[Failure]) -> DataCheck:

@@ -47,6 +47,7 @@ class Expected:
     groups: Mapping[int, Any] = field(repr=False)
     scheduler: Mapping[int, Any] = field(repr=False)
     train_batch_size: int = 0
+    initial: Mapping[str, Any] | None = field(default=None, repr=False)  # the tensors (tolerance mode only)
 
 
 def anchor_steps(contract: Contract) -> list[int]:
@@ -58,7 +59,7 @@ def anchor_steps(contract: Contract) -> list[int]:
 def derive_expected(contract: Contract, workdir: Path, parts: Any = None) -> Expected:
     """Build the recipe's Trainer, optimizer and scheduler (as ``Trainer.train`` creates them) and
     step the scheduler ``max_steps`` times without training."""
-    from ..live import trainable_params
+    from ..live import snapshot, trainable_params
     from ..replay import build_recipe, make_trainer
     from ..trace import schema_of
 
@@ -86,7 +87,8 @@ def derive_expected(contract: Contract, workdir: Path, parts: Any = None) -> Exp
                 lrs.append(float(opt.param_groups[0]["lr"]))
                 if sched is not None:
                     sched.step()
-    return Expected(initial, schema, tuple(lrs), groups, schedulers, int(trainer._train_batch_size))
+    tensors = snapshot(params) if contract.audit.mode == "tolerance" else None
+    return Expected(initial, schema, tuple(lrs), groups, schedulers, int(trainer._train_batch_size), tensors)
 
 
 # --- comparisons -------------------------------------------------------------------------------------

@@ -46,12 +46,15 @@ def make_challenge(contract: Contract, trace_root: bytes, nonce: bytes, k: int |
 # --- structure -------------------------------------------------------------------------------
 
 
-def check_structure(reader: TraceReader, contract: Contract, workdir: Path, expected: Expected | None = None) -> Integrity:
+def check_structure(
+    reader: TraceReader, contract: Contract, workdir: Path, expected: Expected | None = None, *, measure: bool = False
+) -> Integrity:
     """The cheap whole-trace check; raises a :class:`ProviderFault` on the first problem.
 
     Besides the commitments: every step's lr is the contract's schedule at that step, and every
     anchor's optimizer options, scheduler state and step counter are the contract's
-    (``expected``, derived from the client's recipe when not given)."""
+    (``expected``, derived from the client's recipe when not given). ``measure`` (``aftune
+    calibrate``): floats compared as in tolerance mode, the step-0 state left to the caller to measure."""
     from ..errors import CommitmentError, ContractViolationError
 
     integrity = reader.check_integrity()
@@ -74,10 +77,19 @@ def check_structure(reader: TraceReader, contract: Contract, workdir: Path, expe
     if reader.schema() != schema:
         raise ManifestMismatchError("schema_mismatch", "trainable tensors differ from the contract's recipe")
     steps = integrity.steps()
-    if steps[0]["state"] != init_digest.hex():
-        raise ContractViolationError("initial_state", "step 0 is not the contract's base/initial state", step=0)
     audit = contract.audit
-    rtol = 0.0 if audit.mode == "exact" else FLOAT_RTOL
+    if measure:
+        pass
+    elif audit.mode == "tolerance" and expected.initial is not None:  # new tensors (an adapter, a head) are drawn
+        from .window import distance  # by kernels whose last bits differ across CPUs/GPUs: within tolerance
+
+        dist, _ = distance(reader.anchor(0, schema).params, expected.initial)
+        if not dist <= audit.tolerance:
+            raise ContractViolationError("initial_state", f"step 0 is {dist:.3e} from the contract's initial state "
+                                         f"(tolerance {audit.tolerance:.3e})", step=0)  # fmt: skip
+    elif steps[0]["state"] != init_digest.hex():
+        raise ContractViolationError("initial_state", "step 0 is not the contract's base/initial state", step=0)
+    rtol = 0.0 if audit.mode == "exact" and not measure else FLOAT_RTOL
     for s, rec in steps.items():
         if s and not same_value(D.decode_float(rec["lr"]), expected.lrs[s - 1], rtol):
             raise ContractViolationError("lr_schedule", f"recorded lr {D.decode_float(rec['lr']):.9g} is not the "
@@ -93,6 +105,9 @@ def check_structure(reader: TraceReader, contract: Contract, workdir: Path, expe
             anchor = reader.anchor(s, schema)
             if anchor.digest().hex() != rec["anchor"] or D.state_digest(anchor.params).hex() != rec["state"]:
                 raise CommitmentError("anchor_mismatch", "anchor is not the committed state", step=s)
+            if anchor.world_size != contract.training.world_size:  # else no rank's RNG could be compared
+                raise ContractViolationError("anchor_world_size", f"the anchor holds {anchor.world_size} processes' RNG "
+                                             f"state, the contract has world_size {contract.training.world_size}", step=s)  # fmt: skip
             if s not in expected.groups or (diffs := derivable_differences(anchor, expected, rtol=rtol)):
                 raise ContractViolationError("anchor_hyperparameters", "the anchor's derivable state is not the "
                                              f"contract's: {'; '.join(diffs[:4]) or 'not an anchor step'}", step=s)  # fmt: skip
