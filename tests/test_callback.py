@@ -202,24 +202,20 @@ def test_sigkill_then_resume_keeps_the_chain_whole(write_contract, tmp_path, see
     assert checkpoint_path(8) in integrity.root["files"]
 
 
-def test_works_unchanged_with_trl_sft_trainer(write_contract, tmp_path):
+def test_sft_trainer_under_a_trainer_contract_is_refused(write_contract, tmp_path):
+    """The verifier replays with the contract's trainer class; recording trl.SFTTrainer under a contract
+    that names transformers.Trainer would be an honest run reported as cheating, so it is refused."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    from aftune_hf.recipes.causal_lm import PROMPT, load_rows
 
     contract = load_contract(write_contract(training={"max_steps": 3}))
     parts = build(contract, str(tmp_path / "o"))
-    rows = load_rows(contract.resolve(contract.dataset.path))
-    ds = Dataset.from_list([{"prompt": PROMPT.format(instruction=r["instruction"]), "completion": r["response"]} for r in rows])
     cfg = trl.SFTConfig(output_dir=str(tmp_path / "o"), **contract.training_arguments_kwargs(), report_to="none",
-                        max_length=96, pad_to_multiple_of=8, disable_tqdm=True)  # fmt: skip
-    trainer = trl.SFTTrainer(model=parts.model, args=cfg, train_dataset=ds, processing_class=parts.processing_class,
+                        max_length=96, disable_tqdm=True)  # fmt: skip
+    trainer = trl.SFTTrainer(model=parts.model, args=cfg, train_dataset=parts.train_dataset,
+                             data_collator=parts.data_collator, processing_class=parts.processing_class,
                              callbacks=[AuditCallback(contract, tmp_path / "t")])  # fmt: skip
-    trainer.train()
-    integrity = TraceReader(tmp_path / "t").check_integrity()
-    assert integrity.num_steps == 3
-    assert len({r["data"] for s, r in integrity.steps().items() if s > 0}) == 3  # a data digest per step
+    with pytest.raises(ContractViolationError, match="trainer: contract='transformers:Trainer', live='trl"):
+        trainer.train()
 
 
 def test_bf16_autocast_run_is_recorded(write_contract, tmp_path):

@@ -61,3 +61,23 @@ def test_no_mutation_passes(honest, m):
 def test_no_resealed_mutation_passes(honest, m):
     """A forger recomputes every provider-side commitment after the edit: semantic checks and replay still FAIL it."""
     _check(honest, m, resealed=True)
+
+
+@pytest.mark.parametrize("value", [[], [None, None], None])
+def test_resealed_anchor_rng_meta_of_another_world_size_fails(honest, value, tmp_path):
+    """Found by the resealing fuzzer: the final anchor's RNG meta replaced by a list PASSed, because
+    an anchor holding another number of processes' RNG silenced the end-state RNG comparison."""
+    import json
+
+    from aftune_hf.fuzz import reseal
+
+    contract, trace = honest
+    copy = tmp_path / "trace"
+    shutil.copytree(trace, copy)
+    meta_path = copy / "anchors" / "step-00000004" / "anchor.json"
+    meta = json.loads(meta_path.read_text())
+    meta["rng"] = value
+    meta_path.write_text(json.dumps(meta, sort_keys=True, separators=(",", ":")))
+    reseal(copy)
+    report = verify_trace(copy, contract, nonce="00")
+    assert report.verdict == "FAIL", report.summary()
