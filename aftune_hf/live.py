@@ -27,8 +27,9 @@ from .statecodec import encode_optimizer, encode_rng, optimizer_param_names, to_
 from .trace import Anchor
 
 # TrainerState fields an anchor keeps: the counters a resumed Trainer computes with or that follow
-# from the steps trained. The rest (log_history, total_flos, best_*, ...) is logging, not state.
-TRAINER_FIELDS = ("global_step", "epoch", "max_steps", "num_train_epochs", "train_batch_size", "num_input_tokens_seen")
+# from the steps trained. The rest (log_history, total_flos, best_*, num_input_tokens_seen -- counted
+# only when the provider's logging asks for it --, ...) is logging, not state.
+TRAINER_FIELDS = ("global_step", "epoch", "max_steps", "num_train_epochs", "train_batch_size")
 
 
 def unwrap(model: Any) -> Any:

@@ -242,10 +242,7 @@ def materialize_checkpoint(trainer: Any, anchor: Anchor, ckpt: Path, expected: E
     else:  # what the Trainer saves and loads per process
         for rank in range(anchor.world_size):
             torch.save(trainer_rng(anchor.rng_state(rank), distributed), ckpt / f"rng_state_{rank}.pth")
-    recorded = anchor.trainer_state()
-    tokens = recorded.get("num_input_tokens_seen", 0) if isinstance(recorded, dict) else 0
-    state = {"global_step": anchor.step, "max_steps": trainer.args.max_steps, "train_batch_size": expected.train_batch_size,
-             "num_input_tokens_seen": tokens if type(tokens) is int and tokens >= 0 else 0}  # fmt: skip
+    state = {"global_step": anchor.step, "max_steps": trainer.args.max_steps, "train_batch_size": expected.train_batch_size}
     (ckpt / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 

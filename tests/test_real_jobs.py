@@ -107,7 +107,8 @@ def test_sft_trainer_honest_passes_and_a_cheat_fails(gpt2, tmp_path):
 
 def test_evaluation_logging_saving_during_training_with_dropout_passes(gpt2, qa_data, tmp_path):
     """What a user sets without thinking: evaluation every 2 steps (iterating the eval dataloader
-    draws from the global RNG), logging every step, Trainer checkpoints, report_to, group_by_length
+    draws from the global RNG), logging every step with token counts (a trainer-state counter only
+    logging fills: it used to FAIL continuity), Trainer checkpoints, report_to, group_by_length
     -- with dropout on and gradient checkpointing. The RNG the training steps consume is the one the
     anchors commit."""
     path = jobs.init(tmp_path, gpt2, qa_data, "--lora", "4", **jobs.SMALL,
@@ -118,7 +119,7 @@ def test_evaluation_logging_saving_during_training_with_dropout_passes(gpt2, qa_
     held_out = causal_lm(c, str(tmp_path / "eval")).train_dataset.select(range(8))
     trace, trainer = record(path, tmp_path, eval_dataset=held_out, eval_strategy="steps", eval_steps=2, eval_on_start=True,
                             logging_steps=1, save_strategy="steps", save_steps=3, report_to="none",
-                            gradient_checkpointing=True)  # fmt: skip
+                            gradient_checkpointing=True, include_num_input_tokens_seen="all")  # fmt: skip
     assert sum("eval_loss" in h for h in trainer.state.log_history) == 4
     report = verify_trace(trace, path, nonce="53")
     assert report.verdict == "PASS", report.summary()

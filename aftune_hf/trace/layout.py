@@ -23,7 +23,8 @@ from ..safeio import loads_json_strict, read_regular_file, validate_relpath
 from ..statecodec import decode_optimizer, decode_rng, from_json_value
 
 FORMAT = "aftune-trace"
-FORMAT_VERSION = 2  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14)
+FORMAT_VERSION = 3  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
+# 3: ... without num_input_tokens_seen (a logging counter), the header's environment complete (issue 15)
 HEADER, CHAIN, ROOT, CARD, LOCK = "aftune_trace.json", "chain.jsonl", "root.json", "README.md", ".aftune.lock"
 IGNORED = frozenset({".gitattributes"})  # added by the Hub itself; never read
 ANCHOR_PARTS = ("params", "optimizer", "rng")
