@@ -221,15 +221,21 @@ def test_delivered_adapter_loaded_the_hf_way_passes_verify_inference(write_contr
 def bert(tmp_path_factory):
     d = tmp_path_factory.mktemp("bert")
     model = jobs.make_bert_mlm(d / "tiny-bert-mlm")
+    from datasets import Dataset
+
     data = jobs.write_jsonl(d / "labelled.jsonl", jobs.labelled_rows())
-    return model, data
+    named = d / "labelled.csv"  # string labels, numbered in sorted order
+    Dataset.from_list([{"text": r["text"], "label": ["plain", "has-digit"][r["label"]]} for r in jobs.labelled_rows()]).to_csv(named)
+    return model, data, named
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-modules_to_save"])
 def test_bert_classification_from_an_mlm_checkpoint(bert, tmp_path, lora):
     """bert-base pattern: a masked-LM checkpoint (cls.predictions.* unused) under a new classifier
-    head, dropout on; full fine-tune, and LoRA with the head trained fully (modules_to_save)."""
-    model, data = bert
+    head, dropout on; full fine-tune (JSON lines, integer labels), and LoRA with the head trained
+    fully (modules_to_save; a CSV file with string labels)."""
+    model, data, named = bert
+    data = named if lora else data  # LoRA: a CSV with string labels
     extra = ["--lora", "4", "--set=peft.modules_to_save=[classifier]"] if lora else []
     path = jobs.init(tmp_path, model, data, "--task", "sequence_classification", *extra, **jobs.SMALL)
     c = load_contract(path)

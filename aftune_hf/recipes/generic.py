@@ -3,7 +3,8 @@
 * ``aftune_hf.recipes.generic:causal_lm`` -- any ``AutoModelForCausalLM`` directory with its
   own ``AutoTokenizer`` (its files and chat template are covered by ``base_model.digest``);
 * ``aftune_hf.recipes.generic:sequence_classification`` -- ``AutoModelForSequenceClassification``
-  with ``data.num_labels`` labels, from a checkpoint whose head is new (an MLM-pretrained one);
+  with ``data.num_labels`` labels (integers, or strings numbered in sorted order), from a
+  checkpoint whose head is new (an MLM-pretrained one);
 
 full fine-tuning or the contract's ``peft`` (LoRA, DoRA, ``modules_to_save``). The dataset is
 read with ``datasets.load_dataset`` as the contract's ``data`` section says
@@ -67,10 +68,12 @@ def sequence_classification(contract: Contract, output_dir: str, **overrides: An
         if col is not None and col not in rows.column_names:
             raise ConfigError("dataset_invalid", f"no column {col!r} (columns: {rows.column_names})")
 
+    names = sorted(set(rows[spec.label_column])) if all(isinstance(v, str) for v in rows[spec.label_column]) else None
+
     def tokenize(row: dict[str, Any]) -> dict[str, Any]:
         pair = row[spec.text_pair_column] if spec.text_pair_column else None
         out = tokenizer(row[spec.text_column], pair, truncation=True, max_length=t.padding.max_length)
-        label = row[spec.label_column]
+        label = row[spec.label_column] if names is None else names.index(row[spec.label_column])  # names: sorted
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < spec.num_labels:
             raise ConfigError("dataset_invalid", f"label {label!r} is not an integer in [0, {spec.num_labels})")
         return {**out, "labels": label}
