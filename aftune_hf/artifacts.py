@@ -23,12 +23,13 @@ from .errors import ConfigError, ContractViolationError
 
 # config.json keys that record the writer's environment, not the architecture
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path"})
-# config keys that only matter in training mode (dropout) or are runtime switches: an eval-mode
-# forward pass is the same whatever they say
+# config keys that only matter in training mode (dropout; ``problem_type`` picks the loss and is set
+# by a classifier's first training forward) or are runtime switches: an eval-mode forward pass
+# computes the same outputs whatever they say
 TRAINING_ONLY_CONFIG_KEYS = frozenset({
     "attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
     "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout", "summary_first_dropout",
-    "lora_dropout", "use_cache", "ffn_dropout", "embedding_dropout", "seq_classif_dropout"})  # fmt: skip
+    "lora_dropout", "use_cache", "ffn_dropout", "problem_type", "embedding_dropout", "seq_classif_dropout"})  # fmt: skip
 
 
 def architecture_config(config: dict[str, Any]) -> dict[str, Any]:

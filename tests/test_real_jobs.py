@@ -63,7 +63,8 @@ def test_gpt2_own_bpe_tokenizer_load_dataset_generic_recipe(gpt2, qa_data, tmp_p
     assert c.peft.target_modules == ("c_attn",) and c.recipe == "aftune_hf.recipes.generic:causal_lm"
     trace, trainer = record(path, tmp_path)
     assert trainer.model.base_model.model.config.attn_pdrop == 0.1
-    report = verify_trace(trace, path, nonce="51")
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    report = verify_trace(trace, path, nonce="51", model=tmp_path / "adapter")
     assert report.verdict == "PASS", report.summary()
     assert report.data_check.steps_checked == 6 and len(report.windows) == 3
     cheated, _ = record(path, tmp_path / "cheat", cheat=Cheat("nudge", 3))
@@ -243,7 +244,8 @@ def test_bert_classification_from_an_mlm_checkpoint(bert, tmp_path, lora):
     trace, trainer = record(path, tmp_path)
     names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in names) and (not lora or any("lora_" in n for n in names))
-    report = verify_trace(trace, path, nonce="57")
+    trainer.model.save_pretrained(tmp_path / "delivered")  # the head and (LoRA) the adapter, the HF way
+    report = verify_trace(trace, path, nonce="57", model=tmp_path / "delivered")
     assert report.verdict == "PASS", report.summary()
     cheated, _ = record(path, tmp_path / "cheat", cheat=Cheat("nudge", 5))
     assert verify_trace(cheated, path, nonce="57").verdict == "FAIL"

@@ -54,7 +54,8 @@ def check_delivered(
     ``base_dir``: the client's base model (for tensors training never changes).
     """
     tensors = delivered_state(path)
-    by_plain = {n.replace(".default.", "."): n for n in schema}  # PEFT saves adapters without the adapter name
+    # PEFT saves adapters without the adapter name, and a modules_to_save copy under the module's own name
+    by_plain = {n.replace(".modules_to_save.default.", ".").replace(".default.", "."): n for n in schema}
     mapped = {by_plain.get(n, n): t for n, t in tensors.items()}
     if missing := sorted(set(schema) - set(mapped)):
         raise ManifestMismatchError("model_mismatch", f"the delivered model lacks {missing[:3]}", path=str(path))
