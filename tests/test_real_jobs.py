@@ -284,3 +284,23 @@ def test_digest_cli_prints_what_the_contract_binds(gpt2, qa_data):
     assert len(recipe.stdout.strip()) == 64 and recipe.returncode == 0
     missing = _cli(["digest", "no/such/path"])
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+@pytest.mark.parametrize("fmt", ["text", "messages"])
+@pytest.mark.parametrize("trainer", ["transformers:Trainer", "trl:SFTTrainer"])
+def test_plain_text_and_chat_datasets_full_fine_tune(gpt2, tmp_path, fmt, trainer):
+    """A .txt file (builder text) and chat messages rendered with the tokenizer's chat template,
+    full fine-tune, with either trainer; `contract init` recognises the columns."""
+    if fmt == "text":
+        data = tmp_path / "corpus.txt"
+        data.write_text("\n".join(jobs.texts()) + "\n")
+    else:
+        data = jobs.write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": r["question"]},
+                                                                        {"role": "assistant", "content": r["answer"]}]}
+                                                          for r in jobs.qa_rows()])  # fmt: skip
+    path = jobs.init(tmp_path, gpt2, data, "--trainer", trainer, **jobs.SMALL)
+    c = load_contract(path)
+    assert (c.data.text_column, c.data.messages_column) == (("text", None) if fmt == "text" else (None, "messages"))
+    trace, _ = record(path, tmp_path)
+    report = verify_trace(trace, path, nonce="5a")
+    assert report.verdict == "PASS", report.summary()
