@@ -86,3 +86,10 @@ def init(work: Path, model: Path, dataset: Path, *args: str, **settings: Any) ->
 
 SMALL = {"training.max_steps": 6, "training.per_device_train_batch_size": 4, "training.learning_rate": 1e-3,
          "training.padding.max_length": 64, "audit.anchor_every": 2, "audit.windows": 3}  # fmt: skip
+
+
+def recipe_without_overrides(contract, output_dir):
+    """A recipe that breaks the rule: it does not accept the verifier's overrides."""
+    from aftune_hf.recipes.causal_lm import build
+
+    return build(contract, output_dir)

@@ -304,3 +304,11 @@ def test_plain_text_and_chat_datasets_full_fine_tune(gpt2, tmp_path, fmt, traine
     trace, _ = record(path, tmp_path)
     report = verify_trace(trace, path, nonce="5a")
     assert report.verdict == "PASS", report.summary()
+
+
+def test_a_recipe_that_drops_overrides_gets_a_clear_error(write_contract, tmp_path):
+    from aftune_hf.contract import load_recipe
+
+    c = load_contract(write_contract(recipe="tests.jobs:recipe_without_overrides"))
+    with pytest.raises(ConfigError, match=r"recipe_signature: tests.jobs:recipe_without_overrides must accept and forward \*\*overrides"):
+        load_recipe(c)(c, str(tmp_path), save_strategy="no")
