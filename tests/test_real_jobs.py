@@ -168,6 +168,29 @@ def test_tolerance_mode_across_cpu_kernels_with_a_fresh_lora_init(llama48, tmp_p
     assert json.loads(bad.stdout)["failures"][0]["step"] == 3
 
 
+@pytest.mark.parametrize("edit", ["scale_a", "nonzero_b"])
+def test_tolerance_mode_initial_state_further_than_tolerance_fails(llama48, tmp_path, edit):
+    """The freedom tolerance mode leaves at step 0 is the tolerance: a resealed step-0 adapter
+    1e-4 away, or a LoRA B that is not zero, FAILs initial_state."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from aftune_hf.fuzz import reseal
+
+    contract, trace, _ = llama48
+    copy = tmp_path / "trace"
+    shutil.copytree(trace, copy)
+    f = copy / "anchors" / "step-00000000" / "params.safetensors"
+    tensors = load_file(f)
+    name = sorted(n for n in tensors if ("lora_A" if edit == "scale_a" else "lora_B") in n)[0]
+    tensors[name] = tensors[name] * (1 + 1e-4) if edit == "scale_a" else tensors[name] + 1e-9
+    save_file(tensors, f, metadata={"format": "pt"})
+    reseal(copy)
+    report = verify_trace(copy, contract, nonce="54")
+    assert report.verdict == "FAIL" and report.failures[0].code == "initial_state", report.summary()
+
+
 def test_exact_mode_adopts_the_recorders_thread_count(write_contract, tmp_path):
     """An exact trace recorded with 1 torch thread verifies on a 2-thread verifier: the header says 1
     and the verifier replays with 1. (On this 2-vCPU VM 1 and 2 threads happen to give the same bits
