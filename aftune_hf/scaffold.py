@@ -80,7 +80,8 @@ def init_contract(
                      "data_seed": 42, "optim": "adamw_torch", "weight_decay": 0.0, "max_grad_norm": 1.0,
                      "precision": "fp32", "attn_implementation": "sdpa",
                      "padding": {"side": "right", "max_length": 512, "pad_to_multiple_of": 8}},
-        "audit": {"anchor_every": 10, "checkpoint_every": 1, "mode": "exact", "tolerance": 0.0, "windows": 4},
+        "audit": {"anchor_every": 10, "checkpoint_every": 1, "mode": "exact", "tolerance": 0.0, "windows": 4,
+                  "min_detection": 0.9, "detect_fraction": 0.1},
     }  # fmt: skip
     if lora:
         out["peft"] = {"r": lora, "lora_alpha": 2 * lora, "lora_dropout": 0.0,
@@ -89,6 +90,7 @@ def init_contract(
             out["peft"]["task_type"] = "SEQ_CLS"  # peft then trains the new head fully (modules_to_save)
     for key, value in (settings or {}).items():
         _set(out, key, value)
+    _size_audit(out, settings or {})
     if recipe is not None and "recipe_digest" not in (settings or {}):
         from .contract import recipe_source_digest
 
@@ -121,6 +123,23 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _size_audit(out: dict[str, Any], settings: Mapping[str, Any]) -> None:
+    """About 50 windows (anchors every ~50th of the run) and enough of them challenged for
+    ``audit.min_detection`` (unless set; about 40 % of the run is re-executed):
+    with fewer, an honest verification would be INCONCLUSIVE."""
+    from .report import plan
+
+    audit, steps = out["audit"], out["training"].get("max_steps")
+    if not isinstance(steps, int) or steps < 1:
+        return
+    if "audit.anchor_every" not in settings:
+        audit["anchor_every"] = max(1, steps // 50)
+    if "audit.windows" not in settings:
+        need = plan(steps, audit["anchor_every"], float(audit.get("detect_fraction", 0.1)),
+                    min(float(audit.get("min_detection", 0.9)), 0.999999))  # fmt: skip
+        audit["windows"] = need["windows"]
 
 
 def _stub(**kw: Any) -> Contract:

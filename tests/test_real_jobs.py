@@ -335,3 +335,18 @@ def test_a_recipe_that_drops_overrides_gets_a_clear_error(write_contract, tmp_pa
     c = load_contract(write_contract(recipe="tests.jobs:recipe_without_overrides"))
     with pytest.raises(ConfigError, match=r"recipe_signature: tests.jobs:recipe_without_overrides must accept and forward \*\*overrides"):
         load_recipe(c)(c, str(tmp_path), save_strategy="no")
+
+
+@pytest.mark.parametrize("steps", [7, 100, 1000])
+def test_contract_init_sizes_the_audit_for_its_detection_target(gpt2, qa_data, tmp_path, steps):
+    """Left to its defaults, `contract init` picks anchors and windows whose verification reaches the
+    contract's min_detection: an honest job is never INCONCLUSIVE by construction."""
+    import math
+
+    from aftune_hf.report import Detection
+
+    c = load_contract(jobs.init(tmp_path, gpt2, qa_data, **{"training.max_steps": steps}))
+    a = c.audit
+    n = math.ceil(steps / a.anchor_every)
+    assert Detection.compute(n, min(a.windows, n), a.detect_fraction, a.min_detection).achieved >= a.min_detection
+    assert a.windows < n or n <= 2 or steps < 50  # and not everything re-executed on a long run
