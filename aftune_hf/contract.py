@@ -107,8 +107,9 @@ class Training:
     per_device_train_batch_size: int
     gradient_accumulation_steps: int = 1
     lr_scheduler_type: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts"
-    ] = "linear"
+        "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts",
+        "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay",
+    ] = "linear"  # options of a scheduler (min_lr_rate, ...) go in trainer_args.lr_scheduler_kwargs
     warmup_steps: int = 0
     seed: int = 42
     data_seed: int | None = None
@@ -165,10 +166,13 @@ class Contract:
             raise ConfigError("invalid_recipe", f"expected 'module:function', got {self.recipe!r}")
         if ":" not in self.trainer:
             raise ConfigError("invalid_trainer", f"expected 'module:Class', got {self.trainer!r}")
-        for section in ("recipe_args", "trainer_args"):
-            for key, v in getattr(self, section).items():
-                if not isinstance(v, (str, int, float, bool)) or v is None:
-                    raise ConfigError(f"invalid_{section}", f"{section}.{key} must be a scalar")
+        for key, v in self.recipe_args.items():
+            if not isinstance(v, (str, int, float, bool)):
+                raise ConfigError("invalid_recipe_args", f"recipe_args.{key} must be a scalar")
+        for key, v in self.trainer_args.items():
+            if not _json_value(v):
+                raise ConfigError("invalid_trainer_args", f"trainer_args.{key} must be a scalar, or a list or mapping of "
+                                  "scalars (lr_scheduler_kwargs, optim_args)")  # fmt: skip
         clash = sorted(set(self.trainer_args) & set(self.training_arguments_kwargs()))
         if clash:
             raise ConfigError("invalid_trainer_args", f"trainer_args may not set training fields {clash}")
@@ -386,6 +390,19 @@ def load_recipe(contract: Contract) -> Callable[..., Any]:
 
 
 # --- validation -----------------------------------------------------------------------------------
+
+
+def _json_value(v: Any, depth: int = 0) -> bool:
+    """A finite scalar, or (two levels deep at most) a list or string-keyed mapping of them."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (str, int, bool)):
+        return True
+    if depth < 2 and isinstance(v, (list, tuple)):
+        return all(_json_value(x, depth + 1) for x in v)
+    if depth < 2 and isinstance(v, Mapping):
+        return all(isinstance(k, str) and _json_value(x, depth + 1) for k, x in v.items())
+    return False
 
 
 def _positive(v: int, name: str) -> None:

@@ -350,3 +350,24 @@ def test_contract_init_sizes_the_audit_for_its_detection_target(gpt2, qa_data, t
     n = math.ceil(steps / a.anchor_every)
     assert Detection.compute(n, min(a.windows, n), a.detect_fraction, a.min_detection).achieved >= a.min_detection
     assert a.windows < n or n <= 2 or steps < 50  # and not everything re-executed on a long run
+
+
+def test_scheduler_options_in_trainer_args(write_contract, tmp_path):
+    """cosine_with_min_lr needs lr_scheduler_kwargs (a mapping in trainer_args); the schedule the
+    verifier derives is that one, and a run with other options is refused."""
+    path = write_contract(training={"max_steps": 4, "lr_scheduler_type": "cosine_with_min_lr"},
+                          trainer_args={"lr_scheduler_kwargs": {"min_lr_rate": 0.5}}, audit={"anchor_every": 2, "windows": 2})  # fmt: skip
+    trace, trainer = record(path, tmp_path)
+    lrs = [float(h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[-1] == pytest.approx(0.75e-3)  # halfway down the cosine to the floor 0.5 x lr (plain cosine: 0.5e-3)
+    assert verify_trace(trace, path, nonce="5b").verdict == "PASS"
+    other = write_contract(name="other.yaml", training={"max_steps": 4, "lr_scheduler_type": "cosine_with_min_lr"},
+                           trainer_args={"lr_scheduler_kwargs": {"min_lr_rate": 0.1}})  # fmt: skip
+    with pytest.raises(ContractViolationError, match="lr_scheduler_kwargs"):
+        from aftune_hf import AuditCallback
+        from aftune_hf.contract import load_recipe
+        from aftune_hf.recipes.common import trainer_class
+
+        c, o = load_contract(path), load_contract(other)
+        parts = load_recipe(c)(c, str(tmp_path / "x"), disable_tqdm=True)  # the run is path's, the contract other's
+        trainer_class(c)(**parts.trainer_kwargs(), callbacks=[AuditCallback(o, tmp_path / "t2")]).train()
