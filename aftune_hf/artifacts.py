@@ -45,22 +45,26 @@ COMPANION_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config
 
 def model_dir_digest(path: str | Path) -> bytes:
     """Digest of a Hugging Face model directory: its tensors (``*.safetensors``), ``config.json``
-    and the tokenizer / chat template / generation files there (:data:`COMPANION_FILES`)."""
-    from safetensors.torch import load_file
+    and the tokenizer / chat template / generation files there (:data:`COMPANION_FILES`).
+
+    Tensors are read and hashed one at a time (memory: the largest tensor, not the model)."""
+    from safetensors import safe_open
 
     root = Path(path)
     files = sorted(root.glob("*.safetensors"))
     if not (root / "config.json").is_file() or not files:
         raise ConfigError("model_not_found", "needs config.json and *.safetensors", path=str(root))
-    tensors: dict[str, Any] = {}
+    digests: dict[str, bytes] = {}
     for f in files:
-        for name, t in load_file(f).items():
-            if name in tensors:
-                raise ConfigError("model_invalid", f"tensor {name} in two shards", path=str(root))
-            tensors[name] = t
+        with safe_open(f, "pt") as fh:
+            for name in fh.keys():
+                if name in digests:
+                    raise ConfigError("model_invalid", f"tensor {name} in two shards", path=str(root))
+                digests[name] = D.tensor_digest(fh.get_tensor(name))
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     companions = {n: D.file_digest(root / n) for n in COMPANION_FILES if (root / n).is_file()}
-    return D.model_digest(D.state_digest(tensors), architecture_config(config), D.files_digest(companions))
+    state = D.named_digest(digests, D.STATE_TREE)  # = state_digest of all tensors, streamed
+    return D.model_digest(state, architecture_config(config), D.files_digest(companions))
 
 
 def dataset_digest(path: str | Path) -> bytes:
