@@ -77,20 +77,38 @@ def _commit_tmp(tmp: Path, final: Path) -> None:
 
 
 def append_durable(path: str | os.PathLike[str], data: bytes) -> None:
-    """Append ``data`` to ``path`` (created if absent) and fsync it.
+    """Append all of ``data`` to ``path`` (created if absent) and fsync it -- or nothing.
+
+    ``os.write`` may write less than asked (a full disk does); the rest is written in further
+    calls, and if any call fails the file is cut back to its old length, so a reader never sees
+    part of an append.
 
     Raises:
-        RecorderError: on any OS error (disk full, I/O error).
+        RecorderError: on any OS error (disk full, I/O error); the file is as it was.
     """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except OSError as e:
         raise RecorderError("write_failed", f"{e.strerror or e}", path=Path(path).name) from e
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(28, "no space left on device (short write)")
+                view = view[n:]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError:
+                pass  # the reader drops a torn tail on resume; the error below stops the recorder
+            raise RecorderError("write_failed", f"{e.strerror or e}", path=Path(path).name) from e
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

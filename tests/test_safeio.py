@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import struct
 
@@ -96,3 +97,42 @@ def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # temp file cleaned
+
+
+def test_append_durable_completes_short_writes(tmp_path, monkeypatch):
+    """A full disk makes os.write write less than asked; the old append_durable ignored the count
+    and left a 43-byte chain line with no error."""
+    import aftune_hf.safeio as S
+
+    real = os.write
+    monkeypatch.setattr(S.os, "write", lambda fd, data: real(fd, bytes(data[:7])))  # at most 7 bytes a call
+    f = tmp_path / "chain.jsonl"
+    S.append_durable(f, b"first line\n")
+    S.append_durable(f, b'{"i":2,"record":{"kind":"step"}}\n')
+    assert f.read_bytes() == b'first line\n{"i":2,"record":{"kind":"step"}}\n'
+
+
+def test_append_durable_is_all_or_nothing_on_enospc(tmp_path, monkeypatch):
+    import errno
+
+    import aftune_hf.safeio as S
+    from aftune_hf.errors import RecorderError
+
+    f = tmp_path / "chain.jsonl"
+    S.append_durable(f, b"committed\n")
+    real, calls = os.write, []
+
+    def full_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, bytes(data[:5]))  # part of the line fits
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(S.os, "write", full_disk)
+    with pytest.raises(RecorderError, match="write_failed"):
+        S.append_durable(f, b"a line that does not fit\n")
+    assert f.read_bytes() == b"committed\n"  # nothing of the failed append is left
+    monkeypatch.setattr(S.os, "write", lambda fd, data: 0)  # a write that makes no progress
+    with pytest.raises(RecorderError, match="short write"):
+        S.append_durable(f, b"x\n")
+    assert f.read_bytes() == b"committed\n"

@@ -25,7 +25,7 @@ from .. import records as R
 from ..errors import CommitmentError, ManifestMismatchError, TraceFormatError
 from ..safeio import append_durable, atomic_save_safetensors, atomic_write_bytes, parse_safetensors, read_regular_file
 from .layout import Limits, environment, parse_chain, read_json, scan_files
-from .writer import _acquire_lock
+from .writer import _Lock
 
 LOG_FORMAT = "aftune-inference"
 LOG_HEADER, CALLS = "inference_log.json", "calls.jsonl"
@@ -52,7 +52,11 @@ class InferenceLogWriter:
     def __init__(self, root: str | os.PathLike[str], *, run_id: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        _acquire_lock(self.root)
+        self._lock: _Lock | None = _Lock.acquire(self.root)
+        with self._lock.released_on_error():
+            self._open(run_id)
+
+    def _open(self, run_id: str | None) -> None:
         if (self.root / LOG_HEADER).exists():
             self.header = read_json(self.root, LOG_HEADER, Limits())
             data = (self.root / CALLS).read_bytes() if (self.root / CALLS).exists() else b""
@@ -90,7 +94,9 @@ class InferenceLogWriter:
         return root
 
     def close(self) -> None:
-        (self.root / ".aftune.lock").unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @dataclass(frozen=True)

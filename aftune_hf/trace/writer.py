@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,12 @@ from .layout import (
 class TraceWriter:
     """Append-only, crash-safe writer of one trace directory (holds an exclusive lock)."""
 
-    def __init__(self, root: Path, header: Mapping[str, Any], entries: list[R.ChainEntry]) -> None:
+    def __init__(self, root: Path, header: Mapping[str, Any], entries: list[R.ChainEntry], lock: _Lock | None = None) -> None:
         self.root = root
         self.header = dict(header)
         self.entries = entries
         self._head = entries[-1].chain if entries else self.chain_start()
+        self._lock = lock
 
     @classmethod
     def create(
@@ -42,7 +44,7 @@ class TraceWriter:
         path.mkdir(parents=True, exist_ok=True)
         if any(p.name not in (LOCK,) for p in path.iterdir()):
             raise RecorderError("trace_exists", "directory is not empty; resume instead", path=str(path))
-        _acquire_lock(path)
+        lock = _Lock.acquire(path)
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -53,15 +55,21 @@ class TraceWriter:
             "schema": {n: {"dtype": d, "shape": list(s)} for n, (d, s) in sorted(schema.items())},
             "environment": environment(),
         }
-        atomic_write_bytes(path / HEADER, D.canonical_json(header))
-        return cls(path, header, [])
+        with lock.released_on_error():
+            atomic_write_bytes(path / HEADER, D.canonical_json(header))
+        return cls(path, header, [], lock)
 
     @classmethod
     def resume(cls, root: str | os.PathLike[str]) -> TraceWriter:
         """Reopen a crashed trace: take the lock, drop temp files and a torn chain tail,
         and delete step files that no committed record references."""
         path = Path(root)
-        _acquire_lock(path)
+        lock = _Lock.acquire(path)
+        with lock.released_on_error():
+            return cls._reopen(path, lock)
+
+    @classmethod
+    def _reopen(cls, path: Path, lock: _Lock) -> TraceWriter:
         for tmp in path.rglob(".*.tmp-*"):
             tmp.unlink()
         header = read_json(path, HEADER, Limits())
@@ -80,7 +88,7 @@ class TraceWriter:
             with open(path / CHAIN, "r+b") as f:
                 f.truncate(good)
                 os.fsync(f.fileno())
-        writer = cls(path, header, entries)
+        writer = cls(path, header, entries, lock)
         writer._remove_orphans()
         return writer
 
@@ -182,7 +190,9 @@ class TraceWriter:
         return root
 
     def close(self) -> None:
-        (self.root / LOCK).unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _remove_orphans(self) -> None:
         keep = expected_files(self.entries) - {CARD}
@@ -197,24 +207,52 @@ class TraceWriter:
         (self.root / CARD).unlink(missing_ok=True)
 
 
-def _acquire_lock(path: Path) -> None:
-    try:
-        fd = os.open(path / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        holder = (path / LOCK).read_text(errors="replace").strip()
-        if holder.isdigit() and not _pid_alive(int(holder)):
-            (path / LOCK).unlink()
-            return _acquire_lock(path)
-        raise TraceLockedError("trace_locked", f"held by pid {holder}", path=str(path)) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+class _Lock:
+    """An exclusive ``flock`` on ``.aftune.lock`` (with the holder's pid in it, for messages).
 
+    The kernel drops the lock when its holder dies, so there is no stale-lock takeover to race;
+    release unlinks the file *while still holding* the lock, and an acquirer checks that the file
+    it locked is still the one at the path (else it lost to a release and tries again).
+    """
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, root: Path) -> _Lock:
+        import fcntl
+
+        path = root / LOCK
+        for _ in range(64):
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise TraceLockedError("trace_locked", f"another process (pid {holder}) is writing this trace",
+                                       path=str(root)) from None  # fmt: skip
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return cls(path, fd)
+            os.close(fd)  # locked a file a releasing holder had just unlinked: take the new one
+        raise TraceLockedError("trace_locked", "the lock file keeps changing", path=str(root))
+
+    def release(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
+        finally:
+            os.close(self.fd)
+
+    @contextlib.contextmanager
+    def released_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
