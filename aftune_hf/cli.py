@@ -205,7 +205,7 @@ def _report(args: argparse.Namespace) -> int:
         report = report_from_json(json.loads(open(args.report, encoding="utf-8").read()))
     except FileNotFoundError:
         raise ConfigError("report_not_found", "no such file", path=args.report) from None
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a JSON list has no .get
         raise ConfigError("invalid_report", f"not an aftune JSON report: {e}", path=args.report) from None
     if args.html:
         write_html(report, args.html)
@@ -347,11 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `aftune inspect ... | head`: the reader left; end quietly (128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except AftuneError as e:
         if os.environ.get("AFTUNE_DEBUG"):
             raise
-        print(f"aftune: {'FAIL' if isinstance(e, ProviderFault) else 'error'}: {e}", file=sys.stderr)
-        return 1 if isinstance(e, ProviderFault) else 2
+        fault = isinstance(e, ProviderFault)
+        line = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"aftune: {'FAIL' if fault else 'error'}: {line}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"verdict": "FAIL" if fault else "ERROR", "error": e.code, "detail": line,
+                              "path": getattr(e, "path", None)}))  # fmt: skip
+        return 1 if fault else 2
     except Exception:  # a bug or an environment problem: never exit 1 (that means FAIL)
         traceback.print_exc()
         print("aftune: error: unexpected internal error (exit 2); please report it", file=sys.stderr)

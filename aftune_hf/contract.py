@@ -178,6 +178,11 @@ class Contract:
             raise ConfigError("invalid_trainer_args", f"trainer_args may not set training fields {clash}")
         if self.recipe_digest is not None:
             Artifact("", self.recipe_digest)  # same validation as an artifact digest
+        if self.peft is not None:
+            _positive(self.peft.r, "peft.r")
+            _positive(self.peft.lora_alpha, "peft.lora_alpha")
+            if not 0 <= self.peft.lora_dropout < 1:
+                raise ConfigError("invalid_value", f"peft.lora_dropout must be in [0, 1), got {self.peft.lora_dropout}")
         t, a = self.training, self.audit
         _positive(t.max_steps, "training.max_steps")
         _positive(t.per_device_train_batch_size, "training.per_device_train_batch_size")
@@ -317,11 +322,15 @@ def load_contract(path: str | Path) -> Contract:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError("contract_unreadable", str(e), path=str(p)) from None
+        raise ConfigError("contract_unreadable", e.strerror or str(e), path=str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("contract_unreadable", "not a UTF-8 text file", path=str(p)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError("contract_invalid_yaml", str(e)[:300], path=str(p)) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError("contract_invalid_yaml", f"{getattr(e, 'problem', None) or 'invalid YAML'}{where}", path=str(p)) from None
     if not isinstance(data, dict):
         raise ConfigError("contract_invalid", "top level must be a mapping", path=str(p))
     return Contract.from_dict(data, source_dir=p.resolve().parent)

@@ -1,0 +1,67 @@
+"""Bad command lines end in one clear line on stderr and exit 2 (issue 16, table-driven)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, REPO
+
+
+def _run(args, *, shell_pipe: str | None = None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if shell_pipe:
+        cmd = " ".join([sys.executable, "-m", "aftune_hf", *map(str, args)]) + f" | {shell_pipe}"
+        return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "aftune_hf", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def _contract_with(tmp_path, **changes):
+    data = yaml.safe_load((CONFIGS / "tiny-lora.yaml").read_text())
+    for section, value in changes.items():
+        data[section] = {**data[section], **value} if isinstance(value, dict) else value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def put(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+CASES = {
+    "binary contract file": lambda t: ["contract", put(t / "c.yaml", b"\x89PNG\r\n\x1a\n\xff\xfe\x00")],
+    "YAML syntax error": lambda t: ["contract", put(t / "c.yaml", b"training: {learning_rate: [1,\n  audit: x\n")],
+    "negative LoRA rank": lambda t: ["contract", _contract_with(t, peft={"r": -4})],
+    "LoRA dropout of 1.5": lambda t: ["contract", _contract_with(t, peft={"lora_dropout": 1.5})],
+    "report that is a JSON list": lambda t: ["report", put(t / "r.json", b"[1, 2]")],
+    "contract init without a dataset": lambda t: ["contract", "init", "--model", t],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_ends_in_one_line_and_exit_2(case, tmp_path):
+    p = _run(CASES[case](tmp_path))
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("aftune: error: "), p.stderr
+
+
+def test_json_flag_prints_a_json_error_object(tmp_path):
+    p = _run(["contract", _contract_with(tmp_path, peft={"r": -4}), "--json"])
+    out = json.loads(p.stdout)
+    assert p.returncode == 2 and out["verdict"] == "ERROR" and out["error"] == "invalid_value" and "peft.r" in out["detail"]
+
+
+def test_a_broken_pipe_ends_quietly(tmp_path):
+    from tests import tracekit
+
+    tracekit.write_trace(tmp_path / "t", steps=40)
+    p = _run(["inspect", tmp_path / "t"], shell_pipe="head -c 10")
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr[-2000:]
