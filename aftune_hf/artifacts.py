@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from . import digest as D
@@ -43,11 +44,12 @@ COMPANION_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")  # fmt: skip
 
 
-def model_dir_digest(path: str | Path) -> bytes:
+def model_dir_digest(path: str | Path, visit: Callable[[str, Any], None] | None = None) -> bytes:
     """Digest of a Hugging Face model directory: its tensors (``*.safetensors``), ``config.json``
     and the tokenizer / chat template / generation files there (:data:`COMPANION_FILES`).
 
-    Tensors are read and hashed one at a time (memory: the largest tensor, not the model)."""
+    Tensors are read and hashed one at a time (memory: the largest tensor, not the model);
+    ``visit(name, tensor)`` sees each one on the way (the recorder compares the live model)."""
     from safetensors import safe_open
 
     root = Path(path)
@@ -60,7 +62,10 @@ def model_dir_digest(path: str | Path) -> bytes:
             for name in fh.keys():
                 if name in digests:
                     raise ConfigError("model_invalid", f"tensor {name} in two shards", path=str(root))
-                digests[name] = D.tensor_digest(fh.get_tensor(name))
+                tensor = fh.get_tensor(name)
+                digests[name] = D.tensor_digest(tensor)
+                if visit is not None:
+                    visit(name, tensor)
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     companions = {n: D.file_digest(root / n) for n in COMPANION_FILES if (root / n).is_file()}
     state = D.named_digest(digests, D.STATE_TREE)  # = state_digest of all tensors, streamed

@@ -120,28 +120,31 @@ def base_state(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def base_differences(model: Any, base_dir: Path) -> list[str]:
-    """Base tensors the live model holds with other values than the base model's files. Tensors of
-    the files the model does not use (an MLM head under a new classifier) and new tensors are fine;
-    a model sharing no tensor with the files is not built from them."""
-    from safetensors import safe_open
+def base_differences(model: Any, base_dir: Path) -> tuple[bytes, list[str]]:
+    """The base model directory's digest, and the base tensors the live model holds with other
+    values than its files -- one pass over the files. Tensors of the files the model does not use
+    (an MLM head under a new classifier) and new tensors are fine; a model sharing no tensor with
+    the files is not built from them."""
+    from .artifacts import model_dir_digest
 
     live = base_state(model)
     prefix = getattr(unwrap(model), "base_model_prefix", "") or ""
-    shared, differ = 0, []
-    for f in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            for name in fh.keys():
-                have = live.get(name, live.get(f"{prefix}.{name}") if prefix else None)
-                if have is None:
-                    continue
-                shared += 1
-                want = fh.get_tensor(name)
-                if have.shape != want.shape or not torch.equal(have.detach().to("cpu", want.dtype), want):
-                    differ.append(name)
+    shared, differ = [], []
+
+    def compare(name: str, want: torch.Tensor) -> None:
+        have = live.get(name, live.get(f"{prefix}.{name}") if prefix else None)
+        if have is None:
+            return
+        shared.append(name)
+        if have.shape != want.shape or not torch.equal(have.detach().to("cpu", want.dtype), want):
+            differ.append(name)
+
+    digest = model_dir_digest(base_dir, visit=compare)
     if not shared:
-        return ["base_model.digest: the live model holds none of the base model's tensors"]
-    return [f"base_model.digest: {len(differ)} live tensors differ from the base model's files (e.g. {differ[0]})"] if differ else []
+        return digest, ["base_model.digest: the live model holds none of the base model's tensors"]
+    if differ:
+        return digest, [f"base_model.digest: {len(differ)} live tensors differ from the base model's files (e.g. {differ[0]})"]
+    return digest, []
 
 
 def running_trainer() -> Any:
@@ -206,12 +209,6 @@ def contract_differences(
         from .contract import recipe_source_digest
 
         cmp("recipe_digest", contract.recipe_digest, recipe_source_digest(contract))
-    for key, want in contract.trainer_args.items():
-        have = _norm(getattr(args, key, None))
-        if isinstance(want, float) and isinstance(have, int) and not isinstance(have, bool):
-            have = float(have)
-        cmp(f"trainer_args.{key}", want, have)
-
     for key, want in contract.training_arguments_kwargs().items():
         have = _norm(getattr(args, key, None))
         if isinstance(want, float) and isinstance(have, (int, float)):
@@ -266,11 +263,9 @@ def contract_differences(
         if extra:
             diffs.append(f"trainable parameters: contract=LoRA only, live also trains {extra[:3]}")
     if check_base:
-        from .artifacts import model_dir_digest
-
-        base_dir = contract.resolve(contract.base_model.path)
-        cmp("base_model.digest", contract.base_model.digest, model_dir_digest(base_dir).hex())
-        diffs += base_differences(m, base_dir)
+        digest, differ = base_differences(m, contract.resolve(contract.base_model.path))
+        cmp("base_model.digest", contract.base_model.digest, digest.hex())
+        diffs += differ
     data_path = contract.resolve(contract.dataset.path)
     if data_path.exists():
         cmp("dataset.digest", contract.dataset.digest, dataset_digest(data_path).hex())

@@ -172,12 +172,13 @@ class InterleavedBatches:
             s.set_epoch(epoch)
 
 
-def make_trainer(contract: Contract, parts: Recipe, **kwargs: Any) -> Any:
-    """The Trainer for a replay or data check: one process standing in for the contract's ranks."""
+def make_trainer(contract: Contract, parts: Recipe, *, distributed: bool = False, **kwargs: Any) -> Any:
+    """The contract's Trainer class for a replay or data check: one process standing in for the
+    contract's ranks, unless ``distributed`` (this process is one of them) or there is one rank."""
     from .recipes.common import trainer_class
 
     base = trainer_class(contract)
-    if contract.training.world_size == 1:
+    if distributed or contract.training.world_size == 1:
         return base(**parts.trainer_kwargs(), **kwargs)
     cls = type("ReplayTrainer", (RanksAsOneTrainer, base), {"world_size": contract.training.world_size})
     return cls(**parts.trainer_kwargs(), **kwargs)
@@ -269,12 +270,7 @@ def replay_window(
     workdir.mkdir(parents=True, exist_ok=True)
     parts = build_recipe(contract, workdir / "out", distributed=distributed)
     observer = ReplayObserver(start, end, keep_params, gather=distributed)
-    if distributed:
-        from .recipes.common import trainer_class
-
-        trainer = trainer_class(contract)(**parts.trainer_kwargs(), callbacks=[observer])
-    else:
-        trainer = make_trainer(contract, parts, callbacks=[observer])
+    trainer = make_trainer(contract, parts, distributed=distributed, callbacks=[observer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     resume = None
     if start > 0 and anchor is None:
@@ -319,78 +315,6 @@ class _quiet:
         import transformers
 
         transformers.logging.set_verbosity(self._level)
-
-
-def iter_data_steps(contract: Contract, workdir: Path) -> Iterator[tuple[int, list[list[bytes]], int | None]]:
-    """Yield ``(step, micro-batch digests per rank, num_items)`` for every step, from the data pipeline only.
-
-    Uses the Trainer's own dataloader, epoch seeding and ``get_batch_samples`` grouping
-    (gradient accumulation, short last step of an epoch), and its own ``compute_loss`` up to the
-    model call (a trainer such as ``trl.SFTTrainer`` adds inputs there): each micro-batch's digest
-    is of what the model would be fed; the forward pass itself is never run.
-    """
-    parts = build_recipe(contract, workdir / "data")
-    trainer = make_trainer(contract, parts)
-    loader = trainer.get_train_dataloader()
-    (epochs, per_epoch, _, _, _, steps_in_epoch, max_steps) = trainer.set_initial_training_values(trainer.args, loader)
-    ga = trainer.args.gradient_accumulation_steps
-    feed = _FeedProbe(trainer)
-    step = 0
-    try:
-        for epoch in range(int(epochs)):
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            iterator = iter(loader)
-            remainder = steps_in_epoch % ga or ga
-            for update in range(per_epoch):
-                if step >= max_steps:
-                    return
-                n = ga if update != per_epoch - 1 else remainder
-                batches, num_items = trainer.get_batch_samples(iterator, n, trainer.args.device)
-                step += 1
-                fed = [feed(b, num_items) for b in batches]
-                digests = by_rank([d for d, _ in fed], contract.training.world_size)
-                yield step, digests, fed[-1][1]  # the recorder keeps the step's last call's count
-    finally:
-        feed.close()
-
-
-class _Fed(BaseException):
-    """Raised from the model's forward pre-hook: the call's inputs, the forward not run (a
-    ``BaseException``, so that a trainer's ``except Exception`` around its model call lets it through)."""
-
-    def __init__(self, digest: bytes, num_items: int | None) -> None:
-        super().__init__("fed")
-        self.digest, self.num_items = digest, num_items
-
-
-class _FeedProbe:
-    """What the Trainer's ``compute_loss`` would feed the model for one micro-batch (stopped at the call)."""
-
-    def __init__(self, trainer: Any) -> None:
-        from .observe import fed_digest
-
-        def stop(module: Any, args: tuple, kwargs: dict) -> None:
-            if torch.is_grad_enabled():
-                raise _Fed(*fed_digest(args, kwargs))
-
-        self.trainer = trainer
-        self.model = unwrap(trainer.model)
-        self.model.train()
-        self.handle = self.model.register_forward_pre_hook(stop, with_kwargs=True)
-
-    def __call__(self, batch: Any, num_items: Any) -> tuple[bytes, int | None]:
-        t = self.trainer
-        inputs = t._prepare_inputs(batch)
-        try:
-            with t.compute_loss_context_manager():
-                t.compute_loss(t.model, inputs, num_items_in_batch=num_items)
-        except _Fed as fed:
-            return fed.digest, fed.num_items
-        raise ReplayMismatchError("data_pipeline", "the trainer's compute_loss did not call the model")
-
-    def close(self) -> None:
-        self.handle.remove()
 
 
 def sanitized_env() -> dict[str, str]:

@@ -64,7 +64,8 @@ def init_contract(
         raise ConfigError("invalid_value", f"task {task!r}, expected one of {sorted(TASKS)}")
     model, dataset = Path(model), Path(dataset)
     config = _model_config(model)
-    data: dict[str, Any] = {"builder": _builder(dataset), **_columns(dataset, task)}
+    builder = _builder(dataset)
+    data: dict[str, Any] = {"builder": builder, **_columns(dataset, builder, task)}
     if task == "sequence_classification":
         data.setdefault("num_labels", int(config.get("num_labels", 2)))
     out: dict[str, Any] = {
@@ -164,12 +165,11 @@ def _builder(dataset: Path) -> str:
     return kinds.pop()
 
 
-def _columns(dataset: Path, task: str) -> dict[str, Any]:
-    from .recipes.generic import load_rows
-
+def _columns(dataset: Path, builder: str, task: str) -> dict[str, Any]:
     import tempfile
 
-    builder = _builder(dataset)
+    from .recipes.generic import load_rows
+
     with tempfile.TemporaryDirectory(prefix="aftune-init-") as tmp:
         stub = _stub(dataset={"path": str(dataset.resolve()), "digest": "0" * 64}, data={"builder": builder})
         columns = set(load_rows(stub, tmp).column_names)

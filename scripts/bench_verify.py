@@ -58,7 +58,7 @@ def main() -> int:
         t = time.perf_counter()
         check_structure(reader, contract, work / kind / "s")
         structural = time.perf_counter() - t
-        from aftune_hf.replay import iter_data_steps
+        from aftune_hf.verify.data import iter_data_steps
 
         t = time.perf_counter()
         n = sum(1 for _ in iter_data_steps(contract, work / kind / "d"))

@@ -113,7 +113,8 @@ def apply_peft(model: Any, contract: Contract, task_type: str) -> Any:
 
 def argument_differences(contract: Contract, args: Any) -> list[str]:
     """Fields of the live Trainer arguments that change the computation and differ from what the
-    contract's recipe builds (:data:`COMPUTATION_FIELDS`, and a subclass's own fields): the
+    contract's recipe builds (:data:`COMPUTATION_FIELDS`, a subclass's own fields, and every
+    ``trainer_args`` key): the
     contract's ``trainer_args``, else the arguments class's default. (No reference object is built:
     constructing ``TrainingArguments`` resets accelerate's state mid-run.)"""
     import dataclasses
@@ -126,8 +127,8 @@ def argument_differences(contract: Contract, args: Any) -> list[str]:
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     extra = [n for n in fields if n not in base and n not in HARMLESS_EXTRA_FIELDS]
     fixed = contract_fields(contract, cls)
-    out = []
-    for name in (*COMPUTATION_FIELDS, *extra):
+    out = [f"trainer_args.{k}: not a field of {cls.__name__}" for k in contract.trainer_args if k not in fields]
+    for name in dict.fromkeys((*COMPUTATION_FIELDS, *extra, *contract.trainer_args)):
         if name not in fields:
             continue
         f = fields[name]

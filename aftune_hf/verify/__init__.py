@@ -24,9 +24,10 @@ from pathlib import Path
 from .. import digest as D
 from ..contract import Contract, load_contract
 from ..errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
-from ..replay import build_recipe, iter_data_steps
+from ..replay import build_recipe
 from ..report import ERROR, FAIL, INCONCLUSIVE, PASS, DataCheck, Detection, Failure, VerificationReport
 from ..trace import Integrity, TraceReader
+from .data import iter_data_steps
 from .delivered import check_delivered
 from .derive import derive_expected
 from .env import adopt_environment
