@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -31,13 +32,13 @@ import torch
 
 from . import digest as D
 from . import records as R
-from .card import render_card
 from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
 from .live import contract_differences, make_anchor, on_host, rng_states, running_trainer, set_rng_states, trainable_params, unwrap
 from .observe import StepObserver
-from .trace import FORMAT_VERSION, Anchor, TraceWriter, schema_of
+from .trace import ROOT, Anchor, Progress, TraceWriter, progress, schema_of
+from .trainer_checkpoints import set_aside
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,16 @@ class AuditCallback(StepObserver):
         self.root: dict[str, Any] | None = None
         self.rank, self.world, self._device = 0, 1, "cpu"
         self._rng_hold: dict[str, Any] | None = None
+        self._bars = True
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, **kwargs):
+        # Before train() resolves resume_from_checkpoint=True to the newest checkpoint-N: move aside
+        # the torn ones and those past the trace's last committed step (every process may do this).
+        done = progress(self.trace_dir)
+        if 0 <= done.last_step < self.contract.training.max_steps and not done.sealed:
+            set_aside(args.output_dir, done.last_step)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kwargs):  # fmt: skip
@@ -140,6 +149,7 @@ class AuditCallback(StepObserver):
         # captures its own micro-batches; the main process alone writes. Each sync point gathers
         # every rank's status, so a failure on any rank stops all of them at the same step.
         self.rank, self.world, self._device = args.process_index, args.world_size, args.device
+        self._bars = not args.disable_tqdm
         with self._failing_together():
             diffs = contract_differences(
                 self.contract, args, model, train_dataloader,
@@ -159,22 +169,49 @@ class AuditCallback(StepObserver):
         self.capture.install(unwrap(model))
 
     def _open_trace(self, state, model, optimizer, lr_scheduler, rngs: list[bytes]) -> None:
-        chain = self.trace_dir / "chain.jsonl"
-        started = chain.exists() and chain.stat().st_size > 0
-        if started and (self.trace_dir / "root.json").exists() and state.global_step == 0:
-            raise RecorderError(
-                "trace_exists", "this trace is finished; record a new run into a new directory", path=str(self.trace_dir)
-            )
-        resumed = state.global_step > 0 or started  # a restart from scratch resumes at step 0
+        done = progress(self.trace_dir)
+        if done.contract_digest not in (None, self.contract.digest_hex()):
+            raise ContractViolationError("contract_mismatch", "the trace was recorded under another contract",
+                                         path=str(self.trace_dir))  # fmt: skip
+        if done.sealed or done.last_step >= self.contract.training.max_steps:
+            self._refuse_finished(done)
         params = trainable_params(model)
-        if resumed:
+        if done.last_step >= 0:  # a restart from scratch (global_step 0) resumes it at step 0
             self.writer = self._resume_writer(state.global_step, params)
+        elif state.global_step > 0:
+            raise RecorderError("resume_gap", f"the Trainer resumed at step {state.global_step} but the trace has no "
+                                "committed step; resume with the trace it was recorded into", path=str(self.trace_dir))  # fmt: skip
         else:
-            self.writer = self._fresh_writer(params)
+            self.writer = TraceWriter.create(
+                self.trace_dir, contract_digest=self.contract.digest(), contract=self.contract.canonical(),
+                schema=schema_of(params),
+            )  # fmt: skip
             anchor = anchor_with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
             a0 = self.writer.write_anchor(anchor)
             self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
         self._bg = _BackgroundWriter(self.queue_size)
+
+    def _refuse_finished(self, done: Progress) -> None:
+        """A job whose steps are all committed is never recorded again: seal it if a crash stopped
+        finalisation (and push it, if asked), then refuse before the Trainer runs another step."""
+        state = "sealed" if done.sealed else "now sealed (a crash had stopped its finalisation)"
+        if not done.sealed:
+            writer = TraceWriter.resume(self.trace_dir)
+            try:
+                self.root = writer.seal(progress=self._bars)
+            finally:
+                writer.close()
+            logger.warning("aftune: sealed the trace a crash left unfinished, root %s", self.root["trace_root"])
+        else:  # a kill after root.json but before the lock's release leaves the lock file: remove it
+            TraceWriter.clear_stale_lock(self.trace_dir)
+            self.root = json.loads((self.trace_dir / ROOT).read_text(encoding="utf-8"))
+        if self.hub["repo_id"]:
+            self.push_result = self._push(progress=self._bars)
+        raise RecorderError(
+            "trace_finished", f"all {self.contract.training.max_steps} steps of this trace are committed and it is "
+            f"{state} (root {self.root['trace_root'][:16]}…); nothing is left to record and no step was run. "
+            "Record a new run into a new trace directory", path=str(self.trace_dir),
+        )  # fmt: skip
 
     def _sync(self, payload: bytes = b"", error: BaseException | None = None) -> list[bytes]:
         return sync_ranks(payload, error, world=self.world, device=self._device)
@@ -187,16 +224,6 @@ class AuditCallback(StepObserver):
         except BaseException as e:
             self._sync(error=e)
             raise
-
-    def _fresh_writer(self, params: dict[str, torch.Tensor]) -> TraceWriter:
-        if self.trace_dir.exists() and any(self.trace_dir.iterdir()):
-            TraceWriter.resume(self.trace_dir).close()  # take the lock, clean a crash before step 0
-            for p in sorted(self.trace_dir.rglob("*"), reverse=True):
-                p.unlink() if p.is_file() else p.rmdir()
-        return TraceWriter.create(
-            self.trace_dir, contract_digest=self.contract.digest(), contract=self.contract.canonical(),
-            schema=schema_of(params),
-        )  # fmt: skip
 
     def _resume_writer(self, step: int, params: dict[str, torch.Tensor]) -> TraceWriter:
         writer = TraceWriter.resume(self.trace_dir)
@@ -218,6 +245,16 @@ class AuditCallback(StepObserver):
         # the next training step must consume the RNG the last anchor committed, as a replay does.
         if self._rng_hold is not None:
             set_rng_states(self._rng_hold)
+        self._flush()  # save_strategy="best" decides to save only now
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:  # save_strategy="epoch": the checkpoint must not be ahead of the chain
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._bg is not None:
+            with self._abort_on_error():
+                self._bg.flush()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._rng_hold = None
@@ -255,7 +292,7 @@ class AuditCallback(StepObserver):
         self._reads_done.clear()
         self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor))
         if control.should_save or last:
-            self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain
+            self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain (see also on_init_end)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         super().on_pre_optimizer_step(args, state, control, model=model, **kwargs)
@@ -320,26 +357,24 @@ class AuditCallback(StepObserver):
         if self._bg is None or self.writer is None:
             return
         try:
-            self._bg.flush()
+            with self._abort_on_error():
+                self._bg.flush()
+                if state.global_step == self.contract.training.max_steps:
+                    self.root = self.writer.seal(progress=self._bars)  # a failure here: running again seals it
+                    logger.info("aftune: trace %s finalized, root %s", self.trace_dir, self.root["trace_root"])
         finally:
-            self._bg.close()
-            self._bg = None
-        if state.global_step == self.contract.training.max_steps:
-            final = D.state_digest(trainable_params(model))
-            fields = {"format_version": FORMAT_VERSION, "contract_digest": self.writer.header["contract_digest"],
-                      "num_steps": state.global_step, "num_records": len(self.writer.entries),
-                      "chain_head": self.writer.entries[-1].chain.hex(), "final_state": final.hex()}  # fmt: skip
-            self.root = self.writer.finalize(render_card(self.writer.header, fields), final, progress=not args.disable_tqdm)
-            logger.info("aftune: trace %s finalized, root %s", self.trace_dir, self.root["trace_root"])
-            if self.hub["repo_id"]:
-                if self._pusher is not None:
-                    self._pusher.shutdown(wait=True)
-                self.push_result = self._push(progress=not args.disable_tqdm)  # FetchError here: the local trace is complete; retry `aftune push`
-                logger.info("aftune: pushed %s", self.push_result.uri)
-        else:
+            if self._bg is not None:
+                self._bg.close()
+                self._bg = None
             self.writer.close()
+        if self.root is None:
             logger.warning("aftune: training stopped at step %d of %d; trace left open for resume",
                            state.global_step, self.contract.training.max_steps)  # fmt: skip
+        elif self.hub["repo_id"]:
+            if self._pusher is not None:
+                self._pusher.shutdown(wait=True)
+            self.push_result = self._push(progress=self._bars)  # FetchError here: the local trace is complete; retry `aftune push`
+            logger.info("aftune: pushed %s", self.push_result.uri)
 
     def _check_bg(self) -> None:
         if self._bg is not None:

@@ -1,18 +1,24 @@
 """Child process for the crash tests: record a contract's run, optionally resuming.
 
-    python tests/record_child.py CONTRACT TRACE OUTPUT_DIR [--resume] [--sleep S]
+    python tests/record_child.py CONTRACT TRACE OUTPUT_DIR [--resume] [--sleep S] [--kill-in POINT]
 
 Prints ``STEP n`` after each committed step (flushed), saves a Trainer checkpoint every step.
+``--resume`` is the README's command, ``train(resume_from_checkpoint=True)`` (from scratch if no
+checkpoint was saved yet). ``--kill-in`` SIGKILLs the process itself at a named point of
+finalisation (fault injection for points too short to hit with a timed kill; see KILL_POINTS).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import transformers
+from transformers.trainer_utils import get_last_checkpoint
 
 from aftune_hf import AuditCallback
 from aftune_hf.contract import load_contract
@@ -29,19 +35,56 @@ class Pace(transformers.TrainerCallback):
         time.sleep(self.sleep)
 
 
-def last_complete_checkpoint(out: Path) -> str | None:
-    """Newest checkpoint-N whose Trainer files are all there (the Trainer does not save atomically)."""
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and (p / "rng_state.pth").exists()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(contract_path: str, trace: str, out: str, resume: bool = False, sleep: float = 0.0, report=None) -> None:
+def _kill_in(point: str) -> None:
+    """Patch the writer so that the process kills itself at ``point`` of finalisation."""
+    from aftune_hf import digest as D
+    from aftune_hf.trace import writer as W
+
+    write, digest, release = W.atomic_write_bytes, D.file_digest, W._Lock.release
+    calls = {"n": 0}
+
+    def atomic(path, data, *a, **k):
+        name = Path(path).name
+        if (point, name) in (("before-card", "README.md"), ("before-root", "root.json")):
+            _die()
+        if (point, name) == ("mid-root", "root.json"):  # the temp file written, not yet renamed
+            from aftune_hf.safeio import stage_bytes
+
+            stage_bytes(Path(path), data)
+            _die()
+        return write(path, data, *a, **k)
+
+    def hashing(path, *a, **k):
+        calls["n"] += 1
+        if point == "mid-hashing" and calls["n"] == 3:
+            _die()
+        return digest(path, *a, **k)
+
+    def unlock(self):
+        if point == "before-unlock" and (self.path.parent / "root.json").exists():
+            _die()
+        return release(self)
+
+    W.atomic_write_bytes, D.file_digest, W._Lock.release = atomic, hashing, unlock
+
+
+KILL_POINTS = ("before-card", "mid-hashing", "before-root", "mid-root", "before-unlock")
+
+
+def run(contract_path: str, trace: str, out: str, resume: bool = False, sleep: float = 0.0, report=None,
+        kill_in: str | None = None) -> None:  # fmt: skip
     """Record (or resume recording) the contract's run; ``report(step)`` after every committed step."""
+    if kill_in:
+        _kill_in(kill_in)
     contract = load_contract(contract_path)
     parts = build(contract, out, save_strategy="steps", save_steps=1, disable_tqdm=True, logging_steps=100)
     trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, trace), Pace(sleep, report)])
-    ckpt = last_complete_checkpoint(Path(out)) if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    # the README's resume; the recorder (on_init_end) has moved torn checkpoints aside by now
+    trainer.train(resume_from_checkpoint=True if resume and get_last_checkpoint(out) else None)
 
 
 def main() -> int:
@@ -51,8 +94,9 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--kill-in", choices=KILL_POINTS)
     a = ap.parse_args()
-    run(a.contract, a.trace, a.out, a.resume, a.sleep)
+    run(a.contract, a.trace, a.out, a.resume, a.sleep, kill_in=a.kill_in)
     print("DONE", flush=True)
     return 0
 

@@ -154,7 +154,7 @@ def test_background_write_failure_stops_training(write_contract, tmp_path, monke
 def test_existing_trace_is_not_overwritten(write_contract, tmp_path):
     path = write_contract(training={"max_steps": 2})
     record(path, tmp_path)
-    with pytest.raises(RecorderError, match="trace_exists"):
+    with pytest.raises(RecorderError, match="trace_finished"):  # (tests/test_crash.py: no byte changes)
         record(path, tmp_path)
 
 

@@ -26,6 +26,7 @@ from aftune_hf.trace import (
     CHAIN,
     FORMAT_VERSION,
     HEADER,
+    LOCK,
     ROOT,
     Limits,
     TraceReader,
@@ -293,6 +294,25 @@ def test_second_writer_is_locked_out(tmp_path):
     w.close()
     with pytest.raises(RecorderError, match="trace_exists"):
         TraceWriter.create(tmp_path / "t", contract_digest=bytes(32), contract={}, schema={})
+
+
+def test_create_clears_only_what_a_start_up_crash_left(tmp_path):
+    """A kill before the first record leaves a header, temp files and step-0 anchor files: a new
+    run clears them. Anything else (someone's files, a committed record) is never deleted."""
+    root = tmp_path / "t"
+    w, _ = tracekit.write_trace(root, steps=1, finalize=False)
+    w.close()
+    (root / CHAIN).write_bytes((root / CHAIN).read_bytes()[:30])  # the start record torn: nothing committed
+    (root / ".aftune_trace.json.tmp-1").write_bytes(b"x")
+    w = TraceWriter.create(root, contract_digest=bytes(32), contract={}, schema={})
+    assert sorted(p.name for p in root.iterdir()) == [".aftune.lock", HEADER]
+    w.close()
+    other = tmp_path / "home"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RecorderError, match="trace_exists"):
+        TraceWriter.create(other, contract_digest=bytes(32), contract={}, schema={})
+    assert (other / "notes.txt").read_text() == "mine" and not (other / LOCK).exists()
 
 
 def test_resume_after_crash_cleans_torn_state(tmp_path, capfd):

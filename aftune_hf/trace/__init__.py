@@ -25,10 +25,10 @@ from .layout import (
     anchor_path, check_schema, checkpoint_path, environment, schema_of, step_of_path,
 )  # fmt: skip
 from .reader import Integrity, TraceReader
-from .writer import TraceWriter
+from .writer import Progress, TraceWriter, progress
 
 __all__ = [
     "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "IGNORED", "LOCK", "ROOT", "Anchor",
-    "Integrity", "Limits", "Schema", "TraceReader", "TraceWriter", "anchor_path", "check_schema", "checkpoint_path",
-    "environment", "schema_of", "step_of_path",
+    "Integrity", "Limits", "Progress", "Schema", "TraceReader", "TraceWriter", "anchor_path", "check_schema", "checkpoint_path",
+    "environment", "progress", "schema_of", "step_of_path",
 ]  # fmt: skip

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +41,17 @@ class TraceWriter:
         schema: Schema,
         run_id: str | None = None,
     ) -> TraceWriter:
-        """Start a new trace in an empty (or absent) directory."""
+        """Start a new trace in an empty (or absent) directory, or in one that a crash left before
+        anything was committed (its leftovers are removed).
+
+        Raises:
+            RecorderError: ``trace_exists`` if the directory holds committed records or other files.
+        """
         path = Path(root)
         path.mkdir(parents=True, exist_ok=True)
-        if any(p.name not in (LOCK,) for p in path.iterdir()):
-            raise RecorderError("trace_exists", "directory is not empty; resume instead", path=str(path))
         lock = _Lock.acquire(path)
+        with lock.released_on_error():
+            _clear_uncommitted(path)
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -68,22 +75,19 @@ class TraceWriter:
         with lock.released_on_error():
             return cls._reopen(path, lock)
 
+    @staticmethod
+    def clear_stale_lock(root: str | os.PathLike[str]) -> None:
+        """Remove the lock file a killed holder left (a live holder makes this raise ``trace_locked``)."""
+        if (Path(root) / LOCK).exists():
+            _Lock.acquire(Path(root)).release()
+
     @classmethod
     def _reopen(cls, path: Path, lock: _Lock) -> TraceWriter:
         for tmp in path.rglob(".*.tmp-*"):
             tmp.unlink()
         header = read_json(path, HEADER, Limits())
         data = (path / CHAIN).read_bytes() if (path / CHAIN).exists() else b""
-        good, entries = 0, []
-        head = D.chain_start(bytes.fromhex(header["contract_digest"]), header["run_id"])
-        for line in data.split(b"\n")[:-1] if data else []:
-            try:
-                e = parse_chain_line(line, len(entries) + 1, head)
-            except TraceFormatError:
-                break
-            entries.append(e)
-            head = e.chain
-            good += len(line) + 1
+        entries, good = _committed(header, data)
         if good != len(data):
             with open(path / CHAIN, "r+b") as f:
                 f.truncate(good)
@@ -161,6 +165,17 @@ class TraceWriter:
         self._head = entry.chain
         return entry
 
+    def seal(self, *, progress: bool = False) -> dict[str, Any]:
+        """:meth:`finalize` with the card rendered from the chain and the last step's state as the
+        final state (what the reader requires); the same bytes however often it is run."""
+        from ..card import render_card
+
+        last = self.record_for(self.last_step)
+        fields = {"format_version": FORMAT_VERSION, "contract_digest": self.header["contract_digest"],
+                  "num_steps": R.check_sequence(self.entries), "num_records": len(self.entries),
+                  "chain_head": self._head.hex(), "final_state": last["state"]}  # fmt: skip
+        return self.finalize(render_card(self.header, fields), bytes.fromhex(last["state"]), progress=progress)
+
     def finalize(self, card: str, final_state: bytes, *, progress: bool = False) -> dict[str, Any]:
         """Write the card and ``root.json`` (hashing every file; ``progress`` shows a bar); release the
         lock. Returns the root record."""
@@ -205,6 +220,66 @@ class TraceWriter:
                     p.rmdir()
         (self.root / ROOT).unlink(missing_ok=True)
         (self.root / CARD).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a trace directory got, read without taking its lock (see :func:`progress`)."""
+
+    contract_digest: str | None  # None: no readable header (nothing was committed)
+    last_step: int  # -1: no committed step record
+    sealed: bool  # root.json is there
+
+
+def progress(root: str | os.PathLike[str]) -> Progress:
+    """The committed prefix of a trace directory: its contract, last committed step, and whether
+    it is sealed. A torn chain tail is ignored, as :meth:`TraceWriter.resume` would drop it.
+
+    Example:
+        >>> progress("runs/trace").last_step   # doctest: +SKIP
+        12
+    """
+    path = Path(root)
+    try:
+        header = read_json(path, HEADER, Limits())
+        data = (path / CHAIN).read_bytes() if (path / CHAIN).exists() else b""
+        entries, _ = _committed(header, data)
+    except (OSError, TraceFormatError, KeyError, ValueError, TypeError):
+        return Progress(None, -1, False)
+    last = max((e.record["step"] for e in entries), default=-1)
+    return Progress(str(header.get("contract_digest")), last, (path / ROOT).is_file())
+
+
+def _committed(header: Mapping[str, Any], data: bytes) -> tuple[list[R.ChainEntry], int]:
+    """The chain's valid prefix: its entries and its length in bytes."""
+    good, entries = 0, []
+    head = D.chain_start(bytes.fromhex(header["contract_digest"]), header["run_id"])
+    for line in data.split(b"\n")[:-1] if data else []:
+        try:
+            e = parse_chain_line(line, len(entries) + 1, head)
+        except TraceFormatError:
+            break
+        entries.append(e)
+        head = e.chain
+        good += len(line) + 1
+    return entries, good
+
+
+_UNCOMMITTED = re.compile(r"(\..*\.tmp-.*|anchors|checkpoints|%s|%s|%s)" % tuple(re.escape(n) for n in (HEADER, CHAIN, LOCK)))
+
+
+def _clear_uncommitted(path: Path) -> None:
+    """Remove what a crash left before a trace's first record (a header, temp files, step-0
+    files); refuse a directory with committed records or files that are not a trace's."""
+    names = {p.name for p in path.iterdir()} - {LOCK}
+    if not names:
+        return
+    if progress(path).last_step >= 0 or any(not _UNCOMMITTED.fullmatch(n) for n in names):
+        raise RecorderError("trace_exists", "directory is not empty; resume the trace or record into a new directory",
+                            path=str(path))  # fmt: skip
+    for p in sorted(path.rglob("*"), reverse=True):
+        if p.name != LOCK or p.parent != path:
+            p.unlink() if p.is_file() or p.is_symlink() else p.rmdir()
 
 
 class _Lock:
