@@ -118,3 +118,38 @@ def test_a_failed_finalisation_is_sealed_by_running_again(write_contract, tmp_pa
     assert (tmp_path / "t" / CHAIN).read_bytes() == chain  # sealed as it was: no resume record, no extra step
     assert not (tmp_path / "out" / "checkpoint-4").exists()
     assert verify_trace(tmp_path / "t", contract, nonce="00112233", windows=2).verdict == "PASS"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 128 KiB tmpfs (root and a mount namespace that allows it; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_loses_nothing_committed_and_the_readme_resume_continues(write_contract, tmp_path, small_disk):
+    import subprocess
+
+    contract = write_contract(training={"max_steps": 8}, audit={"anchor_every": 2, "windows": 4})
+    _train(contract, tmp_path / "ref-out", tmp_path / "ref")
+    reference = [e.record for e in TraceReader(tmp_path / "ref").check_integrity().entries]
+    trace, out = small_disk / "t", tmp_path / "out"
+    with pytest.raises((RecorderError, OSError)):  # ENOSPC, from the writer thread or the training thread
+        _train(contract, out, trace)
+    done = progress(trace)
+    assert 0 <= done.last_step < 8 and not done.sealed
+    chain = (trace / CHAIN).read_bytes()
+    lines = chain.split(b"\n")
+    assert chain.endswith(b"\n") and len(lines) - 1 == done.last_step + 1, "a torn or missing line"
+    kept = [e.record for e in TraceReader(trace).entries()]
+    assert kept == reference[: len(kept)]  # every committed step is still there, unchanged
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    _train(contract, out, trace, resume=True if any(out.glob("checkpoint-*")) else None)
+    assert _states(trace) == _states(tmp_path / "ref")
+    assert verify_trace(trace, contract, nonce="ab" * 8, windows=4).verdict == "PASS"
