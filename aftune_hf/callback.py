@@ -94,6 +94,8 @@ class AuditCallback(StepObserver):
             blocking a step; failures are logged) and once more when it is finished (a failure
             there raises :class:`~aftune_hf.errors.FetchError` after the trace is complete locally).
         hub_endpoint, hub_token, hub_private: passed to ``huggingface_hub``.
+        signing_key: an Ed25519 private key (``aftune keygen``): sign the sealed root
+            (``signature.dsse.json``, :mod:`aftune_hf.attest`), before any push.
 
     Example:
         >>> trainer = Trainer(..., callbacks=[AuditCallback("contract.yaml", "runs/trace")])  # doctest: +SKIP
@@ -110,6 +112,7 @@ class AuditCallback(StepObserver):
         hub_endpoint: str | None = None,
         hub_token: str | None = None,
         hub_private: bool = False,
+        signing_key: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.contract = contract if isinstance(contract, Contract) else load_contract(contract)
@@ -121,6 +124,11 @@ class AuditCallback(StepObserver):
         self._reads_done = threading.Event()
         self._reads_done.set()
         self.hub = dict(repo_id=push_to_hub, endpoint=hub_endpoint, token=hub_token, private=hub_private)
+        self.signing_key = signing_key
+        if signing_key is not None:
+            from .attest import public_key
+
+            public_key(signing_key)  # a bad key fails now, not after training
         self._pusher: Any = None
         self._push_pending: Any = None
         self.push_result: Any = None
@@ -205,6 +213,7 @@ class AuditCallback(StepObserver):
         else:  # a kill after root.json but before the lock's release leaves the lock file: remove it
             TraceWriter.clear_stale_lock(self.trace_dir)
             self.root = json.loads((self.trace_dir / ROOT).read_text(encoding="utf-8"))
+        self._sign()
         if self.hub["repo_id"]:
             self.push_result = self._push(progress=self._bars)
         raise RecorderError(
@@ -361,6 +370,7 @@ class AuditCallback(StepObserver):
                 self._bg.flush()
                 if state.global_step == self.contract.training.max_steps:
                     self.root = self.writer.seal(progress=self._bars)  # a failure here: running again seals it
+                    self._sign()
                     logger.info("aftune: trace %s finalized, root %s", self.trace_dir, self.root["trace_root"])
         finally:
             if self._bg is not None:
@@ -375,6 +385,13 @@ class AuditCallback(StepObserver):
                 self._pusher.shutdown(wait=True)
             self.push_result = self._push(progress=self._bars)  # FetchError here: the local trace is complete; retry `aftune push`
             logger.info("aftune: pushed %s", self.push_result.uri)
+
+    def _sign(self) -> None:
+        from .attest import sign_root
+        from .trace import SIGNATURE
+
+        if self.signing_key is not None and not (self.trace_dir / SIGNATURE).is_file():
+            sign_root(self.trace_dir, self.signing_key)
 
     def _check_bg(self) -> None:
         if self._bg is not None:

@@ -4,11 +4,13 @@
     aftune contract init --model DIR --dataset PATH [--task T] [--lora R] [--set KEY=VALUE]... [-o FILE]
     aftune digest PATH            the digest of a model directory, dataset file/folder or recipe module
     aftune inspect TRACE          check a trace's integrity and summarise it
-    aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--report FILE.json]
+    aftune verify TRACE --contract FILE [--nonce HEX] [--windows N] [--model PATH] [--signer KEY.pub] [--report FILE.json]
     aftune calibrate TRACE --contract FILE   honest replay noise here vs. where the trace was recorded
     aftune verify-inference LOG --contract FILE [--trace TRACE] [--calls FILE] [--nonce HEX] [--device cuda]
     aftune report REPORT.json --html OUT.html   render a JSON report as a self-contained HTML page
-    aftune push TRACE REPO_ID [--private] [--repo-type model|dataset]
+    aftune push TRACE REPO_ID [--private] [--repo-type model|dataset] [--sign KEY]
+    aftune keygen PATH            an Ed25519 signing key (PATH) and its public key (PATH.pub)
+    aftune sign TRACE --key KEY   sign a sealed root (signature.dsse.json); verify with --signer KEY.pub
     aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C]
     TRACE and LOG may be hf://[datasets/]OWNER/NAME@COMMIT_SHA (downloaded at that commit only).
 
@@ -131,7 +133,7 @@ def _verify(args: argparse.Namespace) -> int:
     only = None if args.only_windows is None else [int(i) for i in args.only_windows.split(",") if i.strip()]
     report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
                           only_windows=only, data_check=not args.no_data_check, endpoint=args.endpoint,
-                          progress=log is not None)  # fmt: skip
+                          progress=log is not None, signer=args.signer)  # fmt: skip
     _write_reports(report, args)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
@@ -163,7 +165,7 @@ def _verify_launched(args: argparse.Namespace) -> int:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aftune_hf.launch",
                args.trace, "--contract", args.contract, "--num-processes", n, "--exit-file", code_file]  # fmt: skip
         for flag, value in (("--nonce", args.nonce), ("--windows", args.windows), ("--model", args.model),
-                            ("--report", args.report), ("--endpoint", args.endpoint)):  # fmt: skip
+                            ("--report", args.report), ("--endpoint", args.endpoint), ("--signer", args.signer)):  # fmt: skip
             if value is not None:
                 cmd += [flag, str(value)]
         p = subprocess.run(cmd, env=env, stdout=None, stderr=subprocess.PIPE, text=True)
@@ -182,7 +184,8 @@ def _verify_inference(args: argparse.Namespace) -> int:
         raise ConfigError("log_not_found", "no such directory", path=args.log)
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     report = verify_inference(args.log, args.contract, trace=args.trace, calls=args.calls, nonce=args.nonce,
-                              num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint, device=args.device)  # fmt: skip
+                              num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint, device=args.device,
+                              signer=args.signer)  # fmt: skip
     _write_reports(report, args)
     print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.summary())
     return report.exit_code
@@ -222,13 +225,35 @@ def _push(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.trace):
         raise ConfigError("trace_not_found", "no such directory", path=args.trace)
     result = push_trace(args.trace, args.repo_id, private=args.private, repo_type=args.repo_type,
-                        endpoint=args.endpoint, progress=not (args.quiet or args.json))  # fmt: skip
+                        endpoint=args.endpoint, progress=not (args.quiet or args.json), sign_key=args.sign)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
     print(f"trace root  {result.trace_root or '(unfinished trace)'}")
     print(f"commit sha  {result.commit_sha}")
     print(f"pin it:     {result.uri}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .attest import public_key, write_keypair
+
+    private, public = write_keypair(args.path, force=args.force)
+    print(f"wrote {private} (keep it secret) and {public} (give it to your clients); key id {public_key(public).keyid}")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from .attest import sign_root
+
+    if not os.path.isdir(args.trace):
+        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    contract = None
+    if args.contract:
+        from .contract import load_contract
+
+        contract = load_contract(args.contract).digest_hex()
+    print(f"wrote {sign_root(args.trace, args.key, contract_digest=contract)}")
     return 0
 
 
@@ -295,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--processes", type=_positive_int, help="run under accelerate launch with N processes "
                    "(CPU: gloo; GPU: one per device); same verdict, report and exit code")
+    p.add_argument("--signer", metavar="KEY.pub", help="the provider's public key you pinned: FAIL unless the root is signed by it")
     p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by aftune_hf.launch to split work
     p.add_argument("--no-data-check", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_verify)
@@ -307,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-calls", type=int, help="calls to sample (default: the contract's audit.inference_calls)")
     p.add_argument("--endpoint", help="Hub URL for hf:// logs and traces")
     p.add_argument("--device", default="cpu", help="where the teacher-forced passes run (e.g. cuda; default cpu)")
+    p.add_argument("--signer", metavar="KEY.pub", help="the provider's public key you pinned: FAIL unless the log root is signed by it")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--json", action="store_true")
@@ -325,7 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--json", action="store_true", help="print repo, commit sha, trace root and URI as JSON")
     p.add_argument("--quiet", action="store_true", help="no upload progress bars")
+    p.add_argument("--sign", metavar="KEY", help="sign the root with this private key, bound to the repo and commit")
     p.set_defaults(func=_push)
+    p = sub.add_parser("keygen", help="write an Ed25519 signing key (PATH) and its public key (PATH.pub)")
+    p.add_argument("path")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key")
+    p.set_defaults(func=_keygen)
+    p = sub.add_parser("sign", help="sign a finished trace's (or an inference log's newest) root: signature.dsse.json")
+    p.add_argument("trace", help="the trace or inference log directory")
+    p.add_argument("--key", required=True, help="your private key (aftune keygen)")
+    p.add_argument("--contract", help="inference logs: the contract the calls were served under")
+    p.set_defaults(func=_sign)
     p = sub.add_parser("plan", help="windows needed to catch a given fraction of falsified windows")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--anchor-every", type=int, required=True)

@@ -116,24 +116,36 @@ def push_trace(
     commit_message: str | None = None,
     check: bool = True,
     progress: bool = True,
+    sign_key: str | Path | None = None,
 ) -> PushResult:
     """Upload a trace or inference log directory with ``huggingface_hub``; return the commit.
 
     With ``check`` (default) a finished training trace is integrity-checked first, so a broken trace
     is never published. An unfinished one (no ``root.json``, e.g. pushed during training) is pushed
-    as it is. ``progress=False`` silences ``huggingface_hub``'s upload bars for this call.
+    as it is. ``progress=False`` silences ``huggingface_hub``'s upload bars for this call. With
+    ``sign_key`` the root is then signed together with the repository and that commit
+    (:mod:`aftune_hf.attest`) and the signature uploaded beside it: the returned commit is that one.
 
     Example:
         >>> r = push_trace("runs/trace", "me/audit")            # doctest: +SKIP
         >>> r.uri                                                # doctest: +SKIP
         'hf://me/audit@0f3c...'
     """
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError("invalid_repo_id", " ".join(str(e).split())[:200], path=repo_id) from None
     path = Path(trace)
     root = None
     if check and (path / "root.json").exists():
         root = TraceReader(path).check_integrity().trace_root.hex()
+    if sign_key is not None:
+        from .attest import public_key
+
+        public_key(sign_key)  # a bad key is found before anything is uploaded
     api = _api(endpoint, token)
     try:
         with _hub_bars(progress):
@@ -143,6 +155,12 @@ def push_trace(
                 commit_message=commit_message or (f"aftune trace {root}" if root else "aftune trace (in progress)"),
                 ignore_patterns=IGNORE_ON_PUSH,
             )  # fmt: skip
+            if sign_key is not None:
+                from .attest import SIGNATURE, sign_root
+
+                signed = sign_root(path, sign_key, repo=repo_id, commit=info.oid)
+                info = api.upload_file(path_or_fileobj=str(signed), path_in_repo=SIGNATURE, repo_id=repo_id,
+                                       repo_type=repo_type, commit_message=f"aftune signature of {info.oid}")  # fmt: skip
     except (HfHubHTTPError, *_network_errors()) as e:
         raise FetchError("push_failed", f"{type(e).__name__}: {str(e)[:300]}", path=repo_id) from e
     return PushResult(repo_id, repo_type, info.oid, root)

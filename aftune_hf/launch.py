@@ -60,6 +60,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--windows", type=_positive_int)
     ap.add_argument("--model")
     ap.add_argument("--report")
+    ap.add_argument("--signer", help="the provider's pinned public key (PEM): the trace's signed root must match")
     ap.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
     ap.add_argument("--num-processes", type=int, help="refuse to run unless exactly this many processes started")
     ap.add_argument("--exit-file", help="write the verdict's exit code here and exit 0 in every process "
@@ -84,6 +85,8 @@ def run_shard(a: argparse.Namespace, nonce: str, only: list[int], data_check: bo
         cmd += ["--windows", str(a.windows)]
     if a.model and data_check:
         cmd += ["--model", a.model]
+    if a.signer and data_check:  # one process checks the signature, as it does the data
+        cmd += ["--signer", a.signer]
     if not data_check:
         cmd.append("--no-data-check")
     p = subprocess.run(cmd, capture_output=True, text=True, env=sanitized_env())

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from . import digest as D
+from .attest import check_signature, public_key
 from .contract import Contract, load_contract
 from .errors import AftuneError, ConfigError, ProviderFault
 from .generate import sampling_cdf, served_weights
@@ -164,10 +165,13 @@ def verify_inference(
     log_fn: Any = None,
     endpoint: str | None = None,
     device: str = "cpu",
+    signer: str | Path | None = None,
 ) -> VerificationReport:
     """Verify an inference log against the client's contract (and the audited training trace).
 
     ``device`` runs the teacher-forced passes there (e.g. ``"cuda"``); the token checks stay on the CPU.
+    ``signer``: the provider's pinned public key; the log's newest root must be signed by it, for
+    this contract (:mod:`aftune_hf.attest`), else FAIL.
     """
     say = log_fn or (lambda _m: None)
     t0 = time.perf_counter()
@@ -177,6 +181,8 @@ def verify_inference(
                 contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []
     try:
+        if signer is not None:
+            public_key(signer)  # the client's own key file: unreadable is ERROR, before any work
         client = load_client_calls(calls) if calls else None
         with tempfile.TemporaryDirectory(prefix="aftune-verify-inference-") as tmp:
             try:
@@ -186,6 +192,9 @@ def verify_inference(
                 (Path(tmp) / "log").mkdir()
                 reader = InferenceLogReader(local_copy(log, Path(tmp) / "log", endpoint=endpoint))
                 integrity = reader.check_integrity()
+                if signer is not None:
+                    check_signature(reader.root, signer, root=integrity.log_root, contract_digest=c.digest_hex(),
+                                    count=integrity.num_calls)  # fmt: skip
                 say("building the audited model")
                 (Path(tmp) / "trace").mkdir()
                 local_trace = None if trace is None else local_copy(trace, Path(tmp) / "trace", endpoint=endpoint)

@@ -21,14 +21,14 @@ Example:
 """
 
 from .layout import (
-    ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, IGNORED, LOCK, ROOT, Anchor, Limits, Schema,
+    ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, IGNORED, LOCK, ROOT, SIGNATURE, Anchor, Limits, Schema,
     anchor_path, check_schema, checkpoint_path, environment, schema_of, step_of_path,
 )  # fmt: skip
 from .reader import Integrity, TraceReader
 from .writer import Progress, TraceWriter, progress
 
 __all__ = [
-    "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "IGNORED", "LOCK", "ROOT", "Anchor",
+    "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "IGNORED", "LOCK", "ROOT", "SIGNATURE", "Anchor",
     "Integrity", "Limits", "Progress", "Schema", "TraceReader", "TraceWriter", "anchor_path", "check_schema", "checkpoint_path",
     "environment", "progress", "schema_of", "step_of_path",
 ]  # fmt: skip

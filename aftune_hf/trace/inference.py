@@ -24,7 +24,7 @@ from .. import digest as D
 from .. import records as R
 from ..errors import CommitmentError, ManifestMismatchError, TraceFormatError
 from ..safeio import append_durable, atomic_save_safetensors, atomic_write_bytes, parse_safetensors, read_regular_file
-from .layout import Limits, environment, parse_chain, read_json, scan_files
+from .layout import LOCK, SIGNATURE, Limits, environment, parse_chain, read_json, scan_files
 from .writer import _Lock
 
 LOG_FORMAT = "aftune-inference"
@@ -130,7 +130,7 @@ class InferenceLogReader:
             raise TraceFormatError("record_invalid", "only call records belong in an inference log", path=CALLS)
         roots = sorted(f for f in self.files if f.startswith("roots/"))
         expected = {LOG_HEADER, CALLS, *(call_path(e.record["call"]) for e in entries)}
-        extra = sorted(set(self.files) - expected - set(roots) - {".aftune.lock"})  # a log still being served
+        extra = sorted(set(self.files) - expected - set(roots) - {LOCK, SIGNATURE})  # a log still being served
         if extra:
             raise ManifestMismatchError("extra_file", ", ".join(extra[:5]), path=extra[0])
         if not roots:

@@ -27,6 +27,7 @@ FORMAT_VERSION = 3  # 2: an anchor's trainer_state holds only the counters a rep
 # 3: ... without num_input_tokens_seen (a logging counter), the header's environment complete (issue 15)
 HEADER, CHAIN, ROOT, CARD, LOCK = "aftune_trace.json", "chain.jsonl", "root.json", "README.md", ".aftune.lock"
 IGNORED = frozenset({".gitattributes"})  # added by the Hub itself; never read
+SIGNATURE = "signature.dsse.json"  # the provider's signed root (aftune_hf.attest); outside the root it signs
 ANCHOR_PARTS = ("params", "optimizer", "rng")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".pyc")
 Schema = Mapping[str, tuple[str, tuple[int, ...]]]

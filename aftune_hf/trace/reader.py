@@ -20,7 +20,7 @@ OPTIMIZER_STATES = 4  # per-parameter tensors an optimizer keeps at most (AdamW 
 RNG_BYTES = 64 << 20  # every RNG state of every rank
 from ..safeio import parse_safetensors, read_regular_file
 from .layout import (
-    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, ROOT, Anchor,
+    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, ROOT, SIGNATURE, Anchor,
     Limits, Schema, expected_files, parse_chain, read_json, scan_files, anchor_path, check_schema, checkpoint_path, step_of_path,
 )  # fmt: skip
 
@@ -142,7 +142,7 @@ class TraceReader:
             if not _same(root[k], v):
                 raise CommitmentError("root_mismatch", f"{k}: root says {root[k]!r}, trace gives {v!r}", path=ROOT)
         wanted = expected_files(entries)
-        present = set(self.files) - {ROOT}
+        present = set(self.files) - {ROOT, SIGNATURE}
         if missing := sorted(wanted - present):
             raise ManifestMismatchError("missing_file", ", ".join(missing[:5]), path=missing[0], step=step_of_path(missing[0]))
         if extra := sorted(present - wanted):

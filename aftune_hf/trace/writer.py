@@ -16,7 +16,7 @@ from .. import records as R
 from ..errors import RecorderError, TraceFormatError, TraceLockedError
 from ..safeio import append_durable, atomic_write_bytes, commit_staged, fsync_dir, stage_bytes, stage_safetensors
 from .layout import (
-    ANCHOR_META_KEYS, ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, LOCK, ROOT, Anchor, Limits, Schema,
+    ANCHOR_META_KEYS, ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, LOCK, ROOT, SIGNATURE, Anchor, Limits, Schema,
     expected_files, parse_chain_line, read_json, anchor_path, checkpoint_path, environment,
 )  # fmt: skip
 
@@ -218,8 +218,8 @@ class TraceWriter:
                     p.unlink()
                 elif p.is_dir() and not any(p.iterdir()):
                     p.rmdir()
-        (self.root / ROOT).unlink(missing_ok=True)
-        (self.root / CARD).unlink(missing_ok=True)
+        for name in (ROOT, CARD, SIGNATURE):  # an unsealed trace has none of these
+            (self.root / name).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import digest as D
+from ..attest import check_signature, public_key
 from ..contract import Contract, load_contract
 from ..errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
 from ..replay import build_recipe
@@ -47,6 +48,7 @@ def verify_trace(
     log: Log | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    signer: str | Path | None = None,
 ) -> VerificationReport:
     """Verify a local trace against the client's contract. Never raises for provider faults.
 
@@ -61,6 +63,8 @@ def verify_trace(
         data_check: run the all-steps data check.
         log: progress messages (e.g. ``print``).
         progress: show a tqdm progress bar over the replayed windows.
+        signer: the provider's public key (PEM) the client pinned: the trace must carry a DSSE
+            signature by it over this root and contract (:mod:`aftune_hf.attest`), else FAIL.
     """
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
@@ -75,6 +79,8 @@ def verify_trace(
 
     threads = torch.get_num_threads()  # exact mode adopts the recorder's; this process gets its own back
     try:
+        if signer is not None:
+            public_key(signer)  # the client's own key file: unreadable is ERROR, before any work
         with tempfile.TemporaryDirectory(prefix="aftune-verify-") as tmp:
             work = Path(tmp)
             say("checking your base model and dataset against the contract")
@@ -90,6 +96,10 @@ def verify_trace(
                 say("structural check")
                 reader = TraceReader(local)
                 integrity = check_structure(reader, c, work, expected)
+                if signer is not None:
+                    say("checking the provider's signature")
+                    check_signature(local, signer, root=integrity.trace_root, contract_digest=c.digest_hex(),
+                                    count=integrity.num_steps)  # fmt: skip
                 if model is not None:
                     check_delivered(model, reader.schema(), integrity.root["final_state"], parts.model,
                                     c.resolve(c.base_model.path))  # fmt: skip
