@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
+from .cliargs import positive_int, quiet_libraries, signer_key, trace_dir
 from .errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
 
 
@@ -78,8 +79,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .records import hex_float
     from .trace import TraceReader
 
-    if not os.path.isdir(args.trace):
-        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    trace_dir(args.trace)
     reader = TraceReader(args.trace)
     integrity = reader.check_integrity()
     header = reader.header()
@@ -107,26 +107,15 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_trace
 
-    if not args.trace.startswith("hf://") and not os.path.isdir(args.trace):
-        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    trace_dir(args.trace)
+    signer_key(args.signer)
     if args.nonce is not None:
-        try:
-            bytes.fromhex(args.nonce)
-        except ValueError:
-            raise ConfigError("invalid_nonce", "the nonce must be hex") from None
+        from .verify.structure import parse_nonce
+
+        parse_nonce(args.nonce)
     if args.processes is not None and args.processes > 1:
         return _verify_launched(args)
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
@@ -180,8 +169,10 @@ def _verify_launched(args: argparse.Namespace) -> int:
 def _verify_inference(args: argparse.Namespace) -> int:
     from .verify_inference import verify_inference
 
-    if not args.log.startswith("hf://") and not os.path.isdir(args.log):
-        raise ConfigError("log_not_found", "no such directory", path=args.log)
+    trace_dir(args.log, "log")
+    signer_key(args.signer)
+    if args.trace is not None:
+        trace_dir(args.trace)
     log = None if args.quiet or args.json else (lambda m: print(f"aftune: {m}", file=sys.stderr, flush=True))
     report = verify_inference(args.log, args.contract, trace=args.trace, calls=args.calls, nonce=args.nonce,
                               num_calls=args.num_calls, log_fn=log, endpoint=args.endpoint, device=args.device,
@@ -222,8 +213,7 @@ def _report(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .hub import push_trace
 
-    if not os.path.isdir(args.trace):
-        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    trace_dir(args.trace, "trace or inference log")
     result = push_trace(args.trace, args.repo_id, private=args.private, repo_type=args.repo_type,
                         endpoint=args.endpoint, progress=not (args.quiet or args.json), sign_key=args.sign)  # fmt: skip
     if args.json:
@@ -246,8 +236,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def _sign(args: argparse.Namespace) -> int:
     from .attest import sign_root
 
-    if not os.path.isdir(args.trace):
-        raise ConfigError("trace_not_found", "no such directory", path=args.trace)
+    trace_dir(args.trace, "trace or inference log")
     contract = None
     if args.contract:
         from .contract import load_contract
@@ -293,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="base model directory (config.json, *.safetensors, tokenizer)")
     g.add_argument("--dataset", help="dataset file or folder (json/jsonl/csv/parquet/txt)")
     g.add_argument("--task", default="causal_lm", choices=["causal_lm", "sequence_classification"])
-    g.add_argument("--lora", type=_positive_int, metavar="R", help="LoRA of rank R (default: full fine-tune)")
+    g.add_argument("--lora", type=positive_int, metavar="R", help="LoRA of rank R (default: full fine-tune)")
     g.add_argument("--trainer", default="transformers:Trainer", help="module:Class, e.g. trl:SFTTrainer")
     g.add_argument("--recipe", help="your own recipe module:function (its source is bound by recipe_digest)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field, e.g. training.max_steps=200")
@@ -311,14 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace")
     p.add_argument("--contract", required=True, help="your own copy of the contract")
     p.add_argument("--nonce", help="challenge nonce (hex); drawn at random and printed when absent")
-    p.add_argument("--windows", type=_positive_int, help="windows to re-execute, >= 1 (default: the contract's audit.windows)")
+    p.add_argument("--windows", type=positive_int, help="windows to re-execute, >= 1 (default: the contract's audit.windows)")
     p.add_argument("--model", help="the weights or adapter you received; must equal the trace's final state")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--endpoint", help="Hub URL for hf:// traces (default: HF_ENDPOINT or huggingface.co)")
-    p.add_argument("--processes", type=_positive_int, help="run under accelerate launch with N processes "
+    p.add_argument("--processes", type=positive_int, help="run under accelerate launch with N processes "
                    "(CPU: gloo; GPU: one per device); same verdict, report and exit code")
     p.add_argument("--signer", metavar="KEY.pub", help="the provider's public key you pinned: FAIL unless the root is signed by it")
     p.add_argument("--only-windows", help=argparse.SUPPRESS)  # used by aftune_hf.launch to split work
@@ -382,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         return args.func(args)
     except BrokenPipeError:  # `aftune inspect ... | head`: the reader left; end quietly (128 + SIGPIPE)

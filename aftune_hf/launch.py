@@ -44,12 +44,7 @@ from .report import ERROR, FAIL, PASS, VerificationReport, merge_reports, report
 from .trace import Integrity, TraceReader
 from .verify import Challenge, check_windows, environment_error, make_challenge, window_failures
 from .verify.env import adopt_environment
-
-
-def _positive_int(text: str) -> int:
-    from .cli import _positive_int as check
-
-    return check(text)
+from .cliargs import positive_int
 
 
 def parse() -> argparse.Namespace:
@@ -57,7 +52,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("trace")
     ap.add_argument("--contract", required=True)
     ap.add_argument("--nonce", help="hex; drawn by the main process when absent")
-    ap.add_argument("--windows", type=_positive_int)
+    ap.add_argument("--windows", type=positive_int)
     ap.add_argument("--model")
     ap.add_argument("--report")
     ap.add_argument("--signer", help="the provider's pinned public key (PEM): the trace's signed root must match")

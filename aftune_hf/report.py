@@ -1,7 +1,7 @@
 """What a verification produces: frozen result types, JSON in and out, and a text summary.
 
 Example:
-    >>> report = verify_trace("runs/trace", "contract.yaml", nonce="00ff")   # doctest: +SKIP
+    >>> report = verify_trace("runs/trace", "contract.yaml", nonce="00ff00ff00ff00ff")   # doctest: +SKIP
     >>> report.verdict, report.exit_code                                     # doctest: +SKIP
     ('PASS', 0)
 """

@@ -8,7 +8,7 @@ follow from the committed decoding settings -- greedy: the argmax up to a tie ma
 committed uniform falls in that token's interval of the recomputed distribution.
 
 Example:
-    >>> report = verify_inference("runs/log", "contract.yaml", trace="runs/trace", nonce="ab")  # doctest: +SKIP
+    >>> report = verify_inference("runs/log", "contract.yaml", trace="runs/trace", nonce="abababababababab")  # doctest: +SKIP
     >>> report.verdict                                                                       # doctest: +SKIP
     'PASS'
 """
@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from .report import ERROR, FAIL, PASS, CallResult, Detection, Failure, Verificat
 from .trace import TraceReader
 from .trace.inference import InferenceLogReader
 from .verify import check_structure, failure_from
+from .verify.structure import parse_nonce
 
 TIE_MARGIN = 1e-4  # relative to the largest |logit|: greedy ties within this are accepted
 CDF_TOLERANCE = 1e-6  # a sampled uniform this close to its token's interval is accepted
@@ -176,7 +176,7 @@ def verify_inference(
     say = log_fn or (lambda _m: None)
     t0 = time.perf_counter()
     c = contract if isinstance(contract, Contract) else load_contract(contract)
-    nonce_bytes = bytes.fromhex(nonce) if isinstance(nonce, str) else (nonce or os.urandom(16))
+    nonce_bytes = parse_nonce(nonce)
     base = dict(contract_digest=c.digest_hex(), mode="inference", nonce=nonce_bytes.hex(), source=str(log),
                 contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []

@@ -71,7 +71,7 @@ def main() -> int:
                 noop += 1
                 shutil.rmtree(copy, ignore_errors=True)
                 continue
-            report = verify_trace(copy, contract, nonce="00", only_windows=None if a.replay else ())
+            report = verify_trace(copy, contract, nonce="0000000000000000", only_windows=None if a.replay else ())
             kinds[m.kind] += 1
             if report.verdict != "FAIL" and a.reseal and only_environment_changed(work / "trace", copy):
                 informational += 1  # the provider's self-reported environment is not verifiable by design

@@ -78,7 +78,7 @@ def on_gpu(work: Path, out: Path) -> None:
     shutil.rmtree(gpu, ignore_errors=True)
     for name in EXACT:  # (1) same hardware, exact mode
         seconds = record(work / f"{name}.yaml", gpu / name)
-        rep = verify_trace(gpu / name, work / f"{name}.yaml", nonce="00", windows=10**6)
+        rep = verify_trace(gpu / name, work / f"{name}.yaml", nonce="0000000000000000", windows=10**6)
         dist = [s.distance for w in rep.windows for s in w.steps if s.distance is not None]
         results["exact"][name] = {"verdict": rep.verdict, "record_s": seconds, "max_distance": max(dist, default=None),
                                   "failures": [f"{f.code} step {f.step}: {f.reason}" for f in rep.failures][:5],

@@ -69,7 +69,7 @@ def main() -> int:
     step = a.steps // 2 + 1
     for kind, amount, label in ATTACKS:
         trace = record(f"{kind}-{amount}", Cheat(kind, step, amount))
-        report = verify_trace(trace, contract, nonce="00", windows=10**6, data_check=False)
+        report = verify_trace(trace, contract, nonce="0000000000000000", windows=10**6, data_check=False)
         d = next(c.distance for w in report.windows for c in w.steps if c.step == step)
         print(f"{label:34} {d:>30.2e} {d / max(noise['max'], 1e-30):>14.0f}")
     return 0

@@ -44,10 +44,10 @@ def _launch(args, tmp_path, script=True):
 def test_two_processes_give_the_same_verdict_and_windows_as_one(write_contract, tmp_path, cheat):
     contract = write_contract(training={"max_steps": 8}, audit={"anchor_every": 2, "windows": 4})  # all: the cheat is always caught
     trace = _record(contract, tmp_path, cheat)
-    p = _launch([trace, "--contract", contract, "--nonce", "5eed", "--num-processes", "2", "--report", tmp_path / "r.json"], tmp_path)
+    p = _launch([trace, "--contract", contract, "--nonce", "5eed5eed5eed5eed", "--num-processes", "2", "--report", tmp_path / "r.json"], tmp_path)
     multi = json.loads((tmp_path / "r.json").read_text())
     assert "processes: 2" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
-    single = verify_trace(trace, contract, nonce="5eed")
+    single = verify_trace(trace, contract, nonce="5eed5eed5eed5eed")
     assert p.returncode == single.exit_code
     assert multi["verdict"] == single.verdict == ("PASS" if cheat is None else "FAIL")
     assert [w["index"] for w in multi["windows"]] == [w.index for w in single.windows]
@@ -74,8 +74,8 @@ def test_two_processes_verify_a_hub_trace_like_aftune_verify(write_contract, tmp
     endpoint = hub.start()
     try:
         uri = push_trace(trace, "me/launch", endpoint=endpoint, token="hf_test").uri
-        single = verify_trace(uri, contract, nonce="5eed", endpoint=endpoint)
-        p = _launch(["-m", "aftune_hf.launch", uri, "--contract", contract, "--nonce", "5eed", "--num-processes", "2",
+        single = verify_trace(uri, contract, nonce="5eed5eed5eed5eed", endpoint=endpoint)
+        p = _launch(["-m", "aftune_hf.launch", uri, "--contract", contract, "--nonce", "5eed5eed5eed5eed", "--num-processes", "2",
                      "--endpoint", endpoint, "--report", tmp_path / "r.json"], tmp_path, script=False)  # fmt: skip
     finally:
         hub.stop()
@@ -92,7 +92,7 @@ def test_aftune_verify_processes_keeps_exit_codes_and_hides_torchrun(write_contr
     contract = write_contract(training={"max_steps": 8}, audit={"anchor_every": 2, "windows": 4})
     trace = _record(contract, tmp_path, Cheat("nudge", 4))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "aftune_hf", "verify", str(trace), "--contract", str(contract), "--nonce", "5eed",
+    base = [sys.executable, "-m", "aftune_hf", "verify", str(trace), "--contract", str(contract), "--nonce", "5eed5eed5eed5eed",
             "--processes", "2"]  # fmt: skip
     fail = subprocess.run([*base, "--report", str(tmp_path / "r.json")], capture_output=True, text=True, env=env, timeout=600)
     assert fail.returncode == 1 and fail.stdout.startswith("FAIL"), fail.stdout[-2000:] + fail.stderr[-2000:]

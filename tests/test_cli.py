@@ -42,7 +42,35 @@ CASES = {
     "LoRA dropout of 1.5": lambda t: ["contract", _contract_with(t, peft={"lora_dropout": 1.5})],
     "report that is a JSON list": lambda t: ["report", put(t / "r.json", b"[1, 2]")],
     "contract init without a dataset": lambda t: ["contract", "init", "--model", t],
+    "empty base_model.path directory": lambda t: ["contract", _contract_with(t, base_model={"path": str(_empty(t))}),
+                                                  "--check-artifacts"],
+    "1-byte nonce": lambda t: ["verify", _fake_trace(t), "--contract", _contract_with(t), "--nonce", "00"],
+    "empty nonce": lambda t: ["verify", _fake_trace(t), "--contract", _contract_with(t), "--nonce", ""],
+    "4-byte nonce": lambda t: ["verify", _fake_trace(t), "--contract", _contract_with(t), "--nonce", "0badc0de"],
+    "200-byte nonce": lambda t: ["verify", _fake_trace(t), "--contract", _contract_with(t), "--nonce", "ab" * 200],
+    "non-hex nonce": lambda t: ["verify", _fake_trace(t), "--contract", _contract_with(t), "--nonce", "zz" * 8],
+    "empty directory as TRACE": lambda t: ["verify", _empty(t), "--contract", _contract_with(t)],
+    "/ as TRACE": lambda t: ["inspect", "/"],
+    "a source checkout as TRACE": lambda t: ["inspect", REPO],
+    "empty directory as LOG": lambda t: ["verify-inference", _empty(t), "--contract", _contract_with(t)],
+    "push with an invalid repo id": lambda t: ["push", _fake_trace(t), "not a repo id!"],
+    "push to an unreachable endpoint": lambda t: ["push", _fake_trace(t), "me/x", "--endpoint", "http://127.0.0.1:9"],
+    "sign with a key that is not PEM": lambda t: ["sign", _fake_trace(t), "--key", put(t / "k", b"ssh-ed25519 AAAA")],
+    "verify with an unreadable signer key": lambda t: ["verify", _fake_trace(t), "--contract", _contract_with(t),
+                                                       "--signer", t / "missing.pub"],
 }
+
+
+def _empty(t):
+    (t / "empty").mkdir(exist_ok=True)
+    return t / "empty"
+
+
+def _fake_trace(t):
+    """A directory that looks like a trace (the command must refuse before reading it)."""
+    (t / "trace").mkdir(exist_ok=True)
+    put(t / "trace" / "chain.jsonl", b"")
+    return t / "trace"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -65,3 +93,13 @@ def test_a_broken_pipe_ends_quietly(tmp_path):
     tracekit.write_trace(tmp_path / "t", steps=40)
     p = _run(["inspect", tmp_path / "t"], shell_pipe="head -c 10")
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr[-2000:]
+
+
+def test_quiet_silences_the_libraries_too(tmp_path, base_model_dir):
+    """`--quiet`: not a line on stderr on a PASS (transformers' weight-loading bars, datasets' map
+    bars and warnings included)."""
+    from tests.conftest import record_tiny
+
+    contract, trace = record_tiny(tmp_path, base_model_dir, steps=2, anchor_every=1, windows=2)
+    p = _run(["verify", trace, "--contract", contract, "--nonce", "ab" * 8, "--quiet"])
+    assert p.returncode == 0 and p.stdout.startswith("PASS") and p.stderr == "", p.stderr[-2000:]

@@ -107,10 +107,10 @@ def test_sigkill_anywhere_then_the_readme_resume(ctx, write_contract, tmp_path):
         kill_at = 0 if i < 3 else rng.randint(1, STEPS - 1)
         code, _ = _run(ctx, contract, trace, out, sleep=0.1, kill_at=kill_at, rng=rng)
         killed += code == -signal.SIGKILL
-        _recover_and_check(ctx, contract, trace, out, reference, f"kill at step {kill_at} (#{i})", f"{i:04x}")
+        _recover_and_check(ctx, contract, trace, out, reference, f"kill at step {kill_at} (#{i})", f"{i:016x}")
     assert killed >= 15  # (a kill may land after a fast finish)
     for j, point in enumerate(record_child.KILL_POINTS):
         trace, out = tmp_path / f"f{j}", tmp_path / f"fo{j}"
         code, _ = _run(ctx, contract, trace, out, kill_in=point)
         assert code == -signal.SIGKILL, f"{point}: the fault point was never reached"
-        _recover_and_check(ctx, contract, trace, out, reference, f"kill {point}", f"f{j:03x}")
+        _recover_and_check(ctx, contract, trace, out, reference, f"kill {point}", f"f{j:015x}")

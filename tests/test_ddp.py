@@ -49,7 +49,7 @@ def _record(contract, trace, *extra):
 
 
 def _verify_two_processes(trace, contract, report):
-    return _launch(REPO / "scripts" / "verify.py", trace, "--contract", contract, "--nonce", "d2",
+    return _launch(REPO / "scripts" / "verify.py", trace, "--contract", contract, "--nonce", "d2d2d2d2d2d2d2d2",
                    "--num-processes", "2", "--report", report, cwd=report.parent)  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_ddp_recording_verifies_and_a_replaced_rank_batch_fails(ddp_contract, tm
     assert reader.check_integrity().num_steps == STEPS
     anchor = reader.anchor(3, reader.schema())
     assert anchor.world_size == 2 and set(anchor.rng_state(1)) == set(anchor.rng_state(0))  # every rank's RNG
-    report = verify_trace(honest, ddp_contract, nonce="d1")
+    report = verify_trace(honest, ddp_contract, nonce="d1d1d1d1d1d1d1d1")
     assert report.verdict == "PASS", report.summary()
     assert report.data_check.steps_checked == STEPS and len(report.windows) == 3
     distances = [s.distance for w in report.windows for s in w.steps]
@@ -72,7 +72,7 @@ def test_ddp_recording_verifies_and_a_replaced_rank_batch_fails(ddp_contract, tm
     poisoned.parent.mkdir()
     p = _record(ddp_contract, poisoned, "--poison-rank", "1")
     assert p.returncode == 0, p.stderr[-3000:]
-    report = verify_trace(poisoned, ddp_contract, nonce="d1")
+    report = verify_trace(poisoned, ddp_contract, nonce="d1d1d1d1d1d1d1d1")
     assert report.verdict == "FAIL", report.summary()
     assert report.data_check.mismatched_steps == (2,)
     assert any(f.check == "replay" and f.step == 2 for f in report.failures), report.summary()
@@ -109,7 +109,7 @@ def test_exact_mode_replays_with_the_same_world_size(write_contract, tmp_path, t
     assert p.returncode == 0 and report["verdict"] == "PASS", p.stdout[-3000:] + p.stderr[-3000:]
     assert [w["index"] for w in report["windows"]] == [0, 1] and report["data_check"]["steps_checked"] == 8
     assert all(s["state_equal"] for w in report["windows"] for s in w["steps"])  # bit-exact, both ranks
-    one = verify_trace(honest, contract, nonce="d2")  # one process cannot replay DDP bit-exactly: it says so
+    one = verify_trace(honest, contract, nonce="d2d2d2d2d2d2d2d2")  # one process cannot replay DDP bit-exactly: it says so
     assert one.verdict == "ERROR" and "--processes 2" in one.error
 
     poisoned = tmp_path / "poisoned" / "trace"

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def honest(tmp_path_factory, base_model_dir):
     path, trace = record_tiny(tmp_path_factory.mktemp("fuzz"), base_model_dir, steps=4, anchor_every=2, windows=2)
     contract = load_contract(path)
-    assert verify_trace(trace, contract, nonce="00").verdict == "PASS"
+    assert verify_trace(trace, contract, nonce="0000000000000000").verdict == "PASS"
     return contract, trace
 
 
@@ -45,7 +45,7 @@ def _check(honest, m: Mutation, *, resealed: bool) -> None:
             reseal(copy)
         assume(fingerprint(copy) != before)
         assume(not only_environment_changed(trace, copy))  # the provider's environment is informational
-        report = verify_trace(copy, contract, nonce="00", only_windows=None if resealed else ())
+        report = verify_trace(copy, contract, nonce="0000000000000000", only_windows=None if resealed else ())
         assert report.verdict == "FAIL", f"{what}: {report.summary()}"
         assert report.failures and all(f.reason for f in report.failures)
 
@@ -79,5 +79,5 @@ def test_resealed_anchor_rng_meta_of_another_world_size_fails(honest, value, tmp
     meta["rng"] = value
     meta_path.write_text(json.dumps(meta, sort_keys=True, separators=(",", ":")))
     reseal(copy)
-    report = verify_trace(copy, contract, nonce="00")
+    report = verify_trace(copy, contract, nonce="0000000000000000")
     assert report.verdict == "FAIL", report.summary()

@@ -45,7 +45,7 @@ def test_push_pull_verify_round_trip(hub, recorded, tmp_path):
     contract, trace = recorded
     result = push_trace(trace, "me/round-trip", endpoint=endpoint, token="hf_test")
     assert len(result.commit_sha) == 40 and result.trace_root
-    report = verify_trace(result.uri, contract, nonce="aa", endpoint=endpoint)
+    report = verify_trace(result.uri, contract, nonce="aaaaaaaaaaaaaaaa", endpoint=endpoint)
     assert report.verdict == "PASS", report.summary()
     assert report.trace_root == result.trace_root
     # only that revision was downloaded
@@ -64,7 +64,7 @@ def test_tampering_on_the_endpoint_after_push_is_detected(hub, recorded):
     result = push_trace(trace, "me/tampered", endpoint=endpoint)
     data = (trace / checkpoint_path(3)).read_bytes()
     fake.tamper("me/tampered", result.commit_sha, checkpoint_path(3), data[:-4] + b"\x00\x00\x80\x3f")
-    report = verify_trace(result.uri, contract, nonce="ab", endpoint=endpoint)
+    report = verify_trace(result.uri, contract, nonce="abababababababab", endpoint=endpoint)
     assert report.verdict == "FAIL" and report.failures[0].check == "structure", report.summary()
     assert report.failures[0].step == 3
 
@@ -80,14 +80,14 @@ def test_new_commit_does_not_change_the_pinned_revision(hub, recorded, tmp_path)
     (edited / "README.md").write_text("rewritten after the client pinned the revision")
     second = push_trace(edited, "me/moving", endpoint=endpoint, check=False)
     assert second.commit_sha != first.commit_sha
-    assert verify_trace(first.uri, contract, nonce="ac", endpoint=endpoint, windows=1).verdict == "PASS"
-    assert verify_trace(second.uri, contract, nonce="ac", endpoint=endpoint, windows=1).verdict == "FAIL"
+    assert verify_trace(first.uri, contract, nonce="acacacacacacacac", endpoint=endpoint, windows=1).verdict == "PASS"
+    assert verify_trace(second.uri, contract, nonce="acacacacacacacac", endpoint=endpoint, windows=1).verdict == "FAIL"
 
 
 def test_missing_repository_or_revision_is_fail(hub, recorded):
     _, endpoint = hub
     contract, _ = recorded
-    report = verify_trace("hf://me/never-pushed@" + "0" * 40, contract, nonce="ad", endpoint=endpoint)
+    report = verify_trace("hf://me/never-pushed@" + "0" * 40, contract, nonce="adadadadadadadad", endpoint=endpoint)
     assert report.verdict == "FAIL" and report.failures[0].code == "not_served"
 
 
@@ -107,15 +107,15 @@ def test_cli_push_and_verify_and_unreachable_endpoint(hub, recorded):
     assert uri in p.stdout
     q = _cli("push", trace, "me/cli", "--endpoint", endpoint, "--json")  # same files: no new commit
     assert q.returncode == 0 and json.loads(q.stdout)["trace_root"] == lines["trace"].split()[-1], q.stderr[-2000:]
-    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--quiet")
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "aeaeaeaeaeaeaeae", "--endpoint", endpoint, "--quiet")
     assert p.returncode == 0 and p.stdout.startswith("PASS"), p.stdout + p.stderr[-2000:]
     assert "downloading trace" not in p.stderr
-    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--no-data-check")
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "aeaeaeaeaeaeaeae", "--endpoint", endpoint, "--no-data-check")
     assert p.returncode == 0 and "downloading trace" in p.stderr and "replaying windows" in p.stderr, p.stderr[-2000:]
-    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", endpoint, "--json")
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "aeaeaeaeaeaeaeae", "--endpoint", endpoint, "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["source"] == uri and "downloading trace" not in p.stderr
     # a dead endpoint: ERROR (exit 2), never PASS
-    p = _cli("verify", uri, "--contract", contract, "--nonce", "ae", "--endpoint", "http://127.0.0.1:9", "--quiet",
+    p = _cli("verify", uri, "--contract", contract, "--nonce", "aeaeaeaeaeaeaeae", "--endpoint", "http://127.0.0.1:9", "--quiet",
              HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")  # fmt: skip
     assert p.returncode == 2 and p.stdout.startswith("ERROR"), p.stdout + p.stderr[-2000:]
     # a branch name is not a pinned revision: usage error
@@ -133,7 +133,7 @@ def test_push_during_training(hub, recorded, tmp_path):
     commits = [r for r in fake.requests if r == "POST /api/models/me/live/commit/main"]
     assert len(commits) >= 2  # at least one anchor push during training and the final one
     assert cb.push_result.trace_root == cb.root["trace_root"]
-    assert verify_trace(cb.push_result.uri, contract, nonce="af", endpoint=endpoint).verdict == "PASS"
+    assert verify_trace(cb.push_result.uri, contract, nonce="afafafafafafafaf", endpoint=endpoint).verdict == "PASS"
 
 
 def test_inference_log_push_and_verify(hub, recorded, tmp_path):
@@ -159,7 +159,7 @@ def test_inference_log_push_and_verify(hub, recorded, tmp_path):
     model.aftune_log.close()
     log = push_trace(tmp_path / "log", "me/log", endpoint=endpoint)
     tr = push_trace(trace, "me/log-trace", endpoint=endpoint)
-    report = verify_inference(log.uri, contract, trace=tr.uri, nonce="01", endpoint=endpoint)
+    report = verify_inference(log.uri, contract, trace=tr.uri, nonce="0101010101010101", endpoint=endpoint)
     assert report.verdict == "PASS", report.summary()
 
 
@@ -178,7 +178,7 @@ def test_hostile_server_is_bounded_by_listing_and_deadline(hub, recorded, tmp_pa
     fake.misbehave = {"chain.jsonl": mode}
     try:
         t0 = time.monotonic()
-        report = verify_trace(result.uri, contract, nonce="ad", endpoint=endpoint)
+        report = verify_trace(result.uri, contract, nonce="adadadadadadadad", endpoint=endpoint)
         took = time.monotonic() - t0
     finally:
         fake.misbehave = {}

@@ -110,7 +110,7 @@ def test_honest_calls_pass(audited, tmp_path, sample, gen, monkeypatch):
     log = InferenceLogReader(tmp_path / "log").check_integrity()
     assert log.num_calls == 1
     # and without the client's copy: calls sampled from H(log root || nonce)
-    assert verify_inference(tmp_path / "log", contract, trace=trace, nonce="0102").verdict == "PASS"
+    assert verify_inference(tmp_path / "log", contract, trace=trace, nonce="0102010201020102").verdict == "PASS"
 
 
 def test_wrapped_greedy_output_is_unchanged(audited, tmp_path):
@@ -128,7 +128,7 @@ def test_other_model_served_fails(audited, tmp_path, kind, lie):
     contract, trace, _ = audited
     honest = served_model(audited) if lie else None
     serve(served_model(audited, kind), tmp_path / "log", lie_weights_of=honest)
-    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="03")
+    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="0303030303030303")
     assert report.verdict == "FAIL", report.summary()
     f = report.failures[0]
     assert f.step == 1  # the call is named
@@ -153,7 +153,7 @@ def test_other_decoding_settings_fail(audited, tmp_path, setting, asked, used, m
 
     monkeypatch.setattr(G._InverseCdfSampler, "__init__", cheat)
     serve(served_model(audited), tmp_path / "b", sample=True, **{setting: asked})
-    report = verify_inference(tmp_path / "b", contract, trace=trace, nonce="04")
+    report = verify_inference(tmp_path / "b", contract, trace=trace, nonce="0404040404040404")
     assert report.verdict == "FAIL" and report.failures[0].code == "call_mismatch", report.summary()
     assert "does not follow from the committed sampling" in report.failures[0].reason
 
@@ -185,7 +185,7 @@ def test_log_committing_an_edited_token_fails(audited, tmp_path):
 
     model.generate = edited
     serve(model, tmp_path / "log")
-    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="05")
+    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="0505050505050505")
     assert report.verdict == "FAIL" and report.failures[0].step == 1
     assert "token 10" in report.failures[0].reason or "activations" in report.failures[0].reason
 
@@ -199,7 +199,7 @@ def test_tampered_log_file_fails(audited, tmp_path):
     t = safetensors.torch.load_file(f)
     t["output.0"][3] += 1
     safetensors.torch.save_file(t, f, metadata={"format": "pt"})
-    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="06")
+    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="0606060606060606")
     assert report.verdict == "FAIL" and report.failures[0].code == "hash_mismatch"
 
 

@@ -64,11 +64,11 @@ def test_gpt2_own_bpe_tokenizer_load_dataset_generic_recipe(gpt2, qa_data, tmp_p
     trace, trainer = record(path, tmp_path)
     assert trainer.model.base_model.model.config.attn_pdrop == 0.1
     trainer.model.save_pretrained(tmp_path / "adapter")
-    report = verify_trace(trace, path, nonce="51", model=tmp_path / "adapter")
+    report = verify_trace(trace, path, nonce="5151515151515151", model=tmp_path / "adapter")
     assert report.verdict == "PASS", report.summary()
     assert report.data_check.steps_checked == 6 and len(report.windows) == 3
     cheated, _ = record(path, tmp_path / "cheat", cheat=Cheat("nudge", 3))
-    bad = verify_trace(cheated, path, nonce="51")
+    bad = verify_trace(cheated, path, nonce="5151515151515151")
     assert bad.verdict == "FAIL" and bad.failures[0].step == 3, bad.summary()
 
 
@@ -98,11 +98,11 @@ def test_sft_trainer_honest_passes_and_a_cheat_fails(gpt2, tmp_path):
                      **{"trainer_args": {"completion_only_loss": True, "gradient_checkpointing": False}})  # fmt: skip
     trace, trainer = record(path, tmp_path / "honest")
     assert type(trainer).__name__ == "SFTTrainer"
-    report = verify_trace(trace, path, nonce="52")
+    report = verify_trace(trace, path, nonce="5252525252525252")
     assert report.verdict == "PASS", report.summary()
     assert not report.data_check.mismatched_steps
     cheated, _ = record(path, tmp_path / "cheat", cheat=Cheat("lr", 4, amount=0.9))
-    bad = verify_trace(cheated, path, nonce="52")
+    bad = verify_trace(cheated, path, nonce="5252525252525252")
     assert bad.verdict == "FAIL" and bad.failures[0].step == 4, bad.summary()
 
 
@@ -122,7 +122,7 @@ def test_evaluation_logging_saving_during_training_with_dropout_passes(gpt2, qa_
                             logging_steps=1, save_strategy="steps", save_steps=3, report_to="none",
                             gradient_checkpointing=True, include_num_input_tokens_seen="all")  # fmt: skip
     assert sum("eval_loss" in h for h in trainer.state.log_history) == 4
-    report = verify_trace(trace, path, nonce="53")
+    report = verify_trace(trace, path, nonce="5353535353535353")
     assert report.verdict == "PASS", report.summary()
 
 
@@ -156,14 +156,14 @@ def llama48(tmp_path_factory):
 def test_tolerance_mode_across_cpu_kernels_with_a_fresh_lora_init(llama48, tmp_path):
     contract, trace, work = llama48
     env = {"ATEN_CPU_CAPABILITY": "default"}
-    p = _cli(["verify", trace, "--contract", contract, "--nonce", "54", "--json"], **env)
+    p = _cli(["verify", trace, "--contract", contract, "--nonce", "5454545454545454", "--json"], **env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     cal = _cli(["calibrate", trace, "--contract", contract, "--json"], **env)
     assert cal.returncode == 0, cal.stderr[-2000:]
     measured = json.loads(cal.stdout)
     assert 0 < measured["initial"] < 1e-6 and not measured["problems"]  # the init really differed, and is measured
     cheated, _ = record(contract, tmp_path / "cheat", cheat=Cheat("lr", 3, amount=0.9))
-    bad = _cli(["verify", cheated, "--contract", contract, "--nonce", "54", "--json"], **env)
+    bad = _cli(["verify", cheated, "--contract", contract, "--nonce", "5454545454545454", "--json"], **env)
     assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-2000:]
     assert json.loads(bad.stdout)["failures"][0]["step"] == 3
 
@@ -187,7 +187,7 @@ def test_tolerance_mode_initial_state_further_than_tolerance_fails(llama48, tmp_
     tensors[name] = tensors[name] * (1 + 1e-4) if edit == "scale_a" else tensors[name] + 1e-9
     save_file(tensors, f, metadata={"format": "pt"})
     reseal(copy)
-    report = verify_trace(copy, contract, nonce="54")
+    report = verify_trace(copy, contract, nonce="5454545454545454")
     assert report.verdict == "FAIL" and report.failures[0].code == "initial_state", report.summary()
 
 
@@ -207,7 +207,7 @@ def test_exact_mode_adopts_the_recorders_thread_count(write_contract, tmp_path):
     torch.set_num_threads(2)
     said: list[str] = []
     try:
-        report = verify_trace(trace, path, nonce="55", log=said.append)
+        report = verify_trace(trace, path, nonce="5555555555555555", log=said.append)
         assert torch.get_num_threads() == 2  # the verifier's own setting is given back
         assert "using 1 torch threads, as the recorder did (exact mode)" in said
     finally:
@@ -235,9 +235,9 @@ def test_delivered_adapter_loaded_the_hf_way_passes_verify_inference(write_contr
     enc = tok(["### Instruction:\nHello\n### Response:\n", "Say hi."], return_tensors="pt", padding=True)
     served.generate(**enc, max_new_tokens=8, do_sample=False)
     served.aftune_log.publish()
-    report = verify_inference(tmp_path / "log", path, trace=trace, nonce="56")
+    report = verify_inference(tmp_path / "log", path, trace=trace, nonce="5656565656565656")
     assert report.verdict == "PASS", report.summary()
-    assert verify_trace(trace, path, nonce="56", model=tmp_path / "adapter").verdict == "PASS"
+    assert verify_trace(trace, path, nonce="5656565656565656", model=tmp_path / "adapter").verdict == "PASS"
     assert TraceReader(trace).check_integrity().num_steps == 4
 
 
@@ -268,10 +268,10 @@ def test_bert_classification_from_an_mlm_checkpoint(bert, tmp_path, lora):
     names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in names) and (not lora or any("lora_" in n for n in names))
     trainer.model.save_pretrained(tmp_path / "delivered")  # the head and (LoRA) the adapter, the HF way
-    report = verify_trace(trace, path, nonce="57", model=tmp_path / "delivered")
+    report = verify_trace(trace, path, nonce="5757575757575757", model=tmp_path / "delivered")
     assert report.verdict == "PASS", report.summary()
     cheated, _ = record(path, tmp_path / "cheat", cheat=Cheat("nudge", 5))
-    assert verify_trace(cheated, path, nonce="57").verdict == "FAIL"
+    assert verify_trace(cheated, path, nonce="5757575757575757").verdict == "FAIL"
 
 
 def test_recipe_source_is_bound_by_recipe_digest(write_contract, tmp_path):
@@ -281,11 +281,11 @@ def test_recipe_source_is_bound_by_recipe_digest(write_contract, tmp_path):
     assert right == digest_path(str(REPO / "aftune_hf" / "recipes" / "causal_lm.py"))
     good = write_contract(recipe_digest=right, training={"max_steps": 2}, audit={"anchor_every": 1, "windows": 2})
     trace, _ = record(good, tmp_path / "good")
-    assert verify_trace(trace, good, nonce="58").verdict == "PASS"
+    assert verify_trace(trace, good, nonce="5858585858585858").verdict == "PASS"
     wrong = write_contract(name="wrong.yaml", recipe_digest="0" * 64, training={"max_steps": 2})
     with pytest.raises(ConfigError, match="recipe_mismatch"):
         record(wrong, tmp_path / "bad")
-    report = verify_trace(trace, wrong, nonce="58")
+    report = verify_trace(trace, wrong, nonce="5858585858585858")
     assert report.verdict == "ERROR" and "recipe_mismatch" in report.error  # the client's recipe is not its contract's
 
 
@@ -294,7 +294,7 @@ def test_dora_adapter_passes(write_contract, tmp_path):
                                 "use_dora": True}, training={"max_steps": 4}, audit={"anchor_every": 2, "windows": 2})  # fmt: skip
     trace, trainer = record(path, tmp_path)
     assert any("lora_magnitude_vector" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
-    assert verify_trace(trace, path, nonce="59").verdict == "PASS"
+    assert verify_trace(trace, path, nonce="5959595959595959").verdict == "PASS"
 
 
 def test_digest_cli_prints_what_the_contract_binds(gpt2, qa_data):
@@ -325,7 +325,7 @@ def test_plain_text_and_chat_datasets_full_fine_tune(gpt2, tmp_path, fmt, traine
     c = load_contract(path)
     assert (c.data.text_column, c.data.messages_column) == (("text", None) if fmt == "text" else (None, "messages"))
     trace, _ = record(path, tmp_path)
-    report = verify_trace(trace, path, nonce="5a")
+    report = verify_trace(trace, path, nonce="5a5a5a5a5a5a5a5a")
     assert report.verdict == "PASS", report.summary()
 
 
@@ -360,7 +360,7 @@ def test_scheduler_options_in_trainer_args(write_contract, tmp_path):
     trace, trainer = record(path, tmp_path)
     lrs = [float(h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h]
     assert lrs[-1] == pytest.approx(0.75e-3)  # halfway down the cosine to the floor 0.5 x lr (plain cosine: 0.5e-3)
-    assert verify_trace(trace, path, nonce="5b").verdict == "PASS"
+    assert verify_trace(trace, path, nonce="5b5b5b5b5b5b5b5b").verdict == "PASS"
     other = write_contract(name="other.yaml", training={"max_steps": 4, "lr_scheduler_type": "cosine_with_min_lr"},
                            trainer_args={"lr_scheduler_kwargs": {"min_lr_rate": 0.1}})  # fmt: skip
     with pytest.raises(ContractViolationError, match="lr_scheduler_kwargs"):

@@ -16,7 +16,7 @@ HOSTILE = '<script>alert(1)</script><img src="http://evil.example/x.png">'
 def _report(**over) -> VerificationReport:
     steps = (StepCheck(3, True, True, 0.0), StepCheck(4, False, False, 2e-3, 1e-3, 0.1, HOSTILE))
     base = dict(
-        verdict="FAIL", contract_digest="ab" * 32, mode="tolerance", trace_root="cd" * 32, nonce="0a", seed="ef" * 32,
+        verdict="FAIL", contract_digest="ab" * 32, mode="tolerance", trace_root="cd" * 32, nonce="0a0a0a0a0a0a0a0a", seed="ef" * 32,
         num_steps=8, windows=(WindowResult(1, 2, 4, False, 0.5, steps),), data_check=DataCheck(8, (5,), 0.1),
         detection=Detection.compute(4, 2), failures=(Failure("replay", "replay_mismatch", HOSTILE, 4),), tolerance=1e-6,
         source=HOSTILE, contract={"name": HOSTILE, "training": {"learning_rate": (1e-3).hex()}},

@@ -29,8 +29,8 @@ HYPER = {"lr_zero", "lr_double", "weight_decay", "maximize", "betas"}  # caught 
 def test_anchor_state_edited_in_training_fails_lora(contracts, tmp_path, kind):
     trace, _ = record(contracts["tiny-lora"], tmp_path, cheat=AnchorEdit(kind, 4))
     # structural checks see hyper-parameters even when no window is re-executed
-    structural = verify_trace(trace, contracts["tiny-lora"], nonce="01", only_windows=())
-    full = verify_trace(trace, contracts["tiny-lora"], nonce="01")  # every window
+    structural = verify_trace(trace, contracts["tiny-lora"], nonce="0101010101010101", only_windows=())
+    full = verify_trace(trace, contracts["tiny-lora"], nonce="0101010101010101")  # every window
     assert full.verdict == "FAIL", full.summary()
     if kind in HYPER:
         assert structural.verdict == "FAIL" and structural.failures[0].check == "structure", structural.summary()
@@ -45,7 +45,7 @@ def test_anchor_state_edited_in_training_fails_lora(contracts, tmp_path, kind):
 @pytest.mark.parametrize("kind", ["lr_double", "moments"])
 def test_anchor_state_edited_in_training_fails_full_ft(contracts, tmp_path, kind):
     trace, _ = record(contracts["tiny-full"], tmp_path, cheat=AnchorEdit(kind, 6))
-    report = verify_trace(trace, contracts["tiny-full"], nonce="02")
+    report = verify_trace(trace, contracts["tiny-full"], nonce="0202020202020202")
     assert report.verdict == "FAIL", report.summary()
     assert report.failures[0].step in (6, 7), report.summary()
 
@@ -54,7 +54,7 @@ def test_anchor_state_edited_in_training_fails_full_ft(contracts, tmp_path, kind
 def test_anchor_state_edited_in_training_fails_tolerance_mode(tolerance_setup, tmp_path, kind):
     contract, _ = tolerance_setup
     trace, _ = record(contract, tmp_path, cheat=AnchorEdit(kind, 4))
-    report = verify_trace(trace, contract, nonce="03")
+    report = verify_trace(trace, contract, nonce="0303030303030303")
     assert report.verdict == "FAIL", report.summary()
     assert report.failures[0].step in (4, 5), report.summary()
 
@@ -81,7 +81,7 @@ def test_resealed_anchor_meta_edit_fails(honest, contracts, tmp_path, step):
         sched["base_lrs"] = [{"float": D.encode_float(2 * D.decode_float(b["float"]))} for b in sched["base_lrs"]]
 
     _reseal_anchor(trace, step, edit)
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="04", only_windows=())
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0404040404040404", only_windows=())
     assert report.verdict == "FAIL", report.summary()
     assert report.failures[0].code == "anchor_hyperparameters" and report.failures[0].step == step
 
@@ -94,7 +94,7 @@ def test_resealed_rng_edit_fails_the_window_before(honest, contracts, tmp_path):
         meta["rng"]["python"]["state"][5] ^= 1
 
     _reseal_anchor(trace, 6, edit)
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="05")
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0505050505050505")
     assert report.verdict == "FAIL", report.summary()
     assert ("anchor_state", 6) in [(f.code, f.step) for f in report.failures], report.summary()
 
@@ -111,7 +111,7 @@ def test_recorded_lr_off_schedule_fails_every_step_unchallenged(honest, contract
     lines[3] = json.dumps(obj)
     (trace / CHAIN).write_text("\n".join(lines) + "\n")
     reseal(trace)
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="06", only_windows=())
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0606060606060606", only_windows=())
     assert report.verdict == "FAIL" and report.failures[0].code == "lr_schedule", report.summary()
     assert report.failures[0].step == obj["record"]["step"]
 
@@ -126,11 +126,11 @@ def test_windows_must_be_at_least_one_and_weak_pass_is_inconclusive(honest, cont
         p = _cli(["verify", honest["tiny-lora"], "--contract", contracts["tiny-lora"], "--windows", str(bad)])
         assert p.returncode == 2 and "--windows" in p.stderr
     # 4 windows, 2 checked (always the first and last): a cheat in a middle window is never caught
-    weak = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="07", windows=2)
+    weak = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0707070707070707", windows=2)
     assert weak.verdict == "INCONCLUSIVE" and weak.exit_code == 3, weak.summary()
     assert weak.detection.achieved == 0.0 and weak.detection.required == 0.9
     assert "too few windows" in weak.summary()
-    strong = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="07", windows=4)
+    strong = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0707070707070707", windows=4)
     assert strong.verdict == "PASS" and strong.detection.achieved == 1.0
 
 
@@ -140,7 +140,7 @@ def test_clients_own_wrong_files_are_error_not_fail(honest, contracts, tmp_path)
     other.write_text(open(data["dataset"]["path"]).read().replace("a", "b", 1))
     data["dataset"]["path"] = str(other)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
-    report = verify_trace(honest["tiny-lora"], tmp_path / "c.yaml", nonce="08")
+    report = verify_trace(honest["tiny-lora"], tmp_path / "c.yaml", nonce="0808080808080808")
     assert report.verdict == "ERROR" and "data.jsonl" in report.error and "your local file" in report.error, report.summary()
 
 
@@ -152,7 +152,7 @@ def test_verifier_out_of_memory_is_error(honest, contracts, monkeypatch):
                            "allocate 6442450944 bytes.")  # fmt: skip
 
     monkeypatch.setattr(V, "replay_window", oom)
-    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="09", windows=4)
+    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0909090909090909", windows=4)
     assert report.verdict == "ERROR" and "out_of_memory" in report.error, report.summary()
 
 
@@ -168,7 +168,7 @@ def test_nan_grad_norm_fails_tolerance_mode(tolerance_setup, tmp_path):
     lines[2] = json.dumps(obj)
     (trace / CHAIN).write_text("\n".join(lines) + "\n")
     reseal(trace)
-    report = verify_trace(trace, contract, nonce="0a")
+    report = verify_trace(trace, contract, nonce="0a0a0a0a0a0a0a0a")
     assert report.verdict == "FAIL", report.summary()
     assert any("grad norm" in f.reason and f.step == obj["record"]["step"] for f in report.failures), report.summary()
 
@@ -213,7 +213,7 @@ def test_delivered_adapter_is_checked_whole(honest, contracts, tmp_path, edit):
         safetensors.torch.save_file(t, d / "adapter_model.safetensors", metadata={"format": "pt"})
     if edit == "lora_dropout":  # training-only: ignored, and docs/VERIFY.md says so
         _edit_json(d / "adapter_config.json", lambda c: c.update(lora_dropout=0.0))
-    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0b", windows=4, model=d)
+    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0b0b0b0b0b0b0b0b", windows=4, model=d)
     if edit in ("honest", "lora_dropout"):
         assert report.verdict == "PASS", report.summary()
     else:
@@ -234,7 +234,7 @@ def test_delivered_full_model_config_is_checked(honest, contracts, tmp_path, edi
         _edit_json(d / "config.json", lambda c: c.update(rms_norm_eps=1e-3))
     if edit == "rope_theta":
         _edit_json(d / "config.json", rope)
-    report = verify_trace(honest["tiny-full"], contracts["tiny-full"], nonce="0c", windows=4, model=d)
+    report = verify_trace(honest["tiny-full"], contracts["tiny-full"], nonce="0c0c0c0c0c0c0c0c", windows=4, model=d)
     if edit == "honest":
         assert report.verdict == "PASS", report.summary()
     else:
@@ -253,7 +253,7 @@ def test_oversized_checkpoint_is_fail_before_allocation(honest, contracts, tmp_p
     with open(f, "r+b") as fh:
         fh.truncate(f.stat().st_size + (64 << 20))  # sparse: nothing is written, nothing may be read
     reseal(trace)
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="0d", only_windows=())
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0d0d0d0d0d0d0d0d", only_windows=())
     assert report.verdict == "FAIL" and report.failures[0].code == "file_too_large", report.summary()
     assert report.failures[0].step == 3
 

@@ -71,21 +71,21 @@ def fresh_copy(trace, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-lora", "tiny-full"])
 def test_honest_trace_passes_exact_mode(honest, contracts, name, tmp_path):
-    report = verify_trace(honest[name], contracts[name], nonce="01")
+    report = verify_trace(honest[name], contracts[name], nonce="0101010101010101")
     assert report.verdict == "PASS", report.summary()
     assert [w.index for w in report.windows] == [0, 1, 2, 3]
     assert all(c.ok and c.state_equal for w in report.windows for c in w.steps)
     assert report.data_check.steps_checked == STEPS and not report.data_check.mismatched_steps
     # the delivered model must equal the final state
     final = fresh_copy(honest[name], tmp_path)
-    report = verify_trace(final, contracts[name], nonce="01", windows=4, model=final / checkpoint_path(STEPS))
+    report = verify_trace(final, contracts[name], nonce="0101010101010101", windows=4, model=final / checkpoint_path(STEPS))
     assert report.verdict == "PASS", report.summary()
 
 
 def test_delivered_model_other_than_audited_fails(honest, contracts, tmp_path):
     t = safetensors.torch.load_file(honest["tiny-lora"] / checkpoint_path(STEPS - 1))
     safetensors.torch.save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
-    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="01", model=tmp_path)
+    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0101010101010101", model=tmp_path)
     assert report.verdict == "FAIL" and report.failures[0].code == "model_mismatch"
 
 
@@ -99,14 +99,14 @@ def test_peft_saved_adapter_is_accepted_as_delivered_model(honest, contracts, tm
             if p.requires_grad:
                 p.copy_(final[n])
     parts.model.save_pretrained(tmp_path / "delivered")
-    report = verify_trace(honest["tiny-lora"], contract, nonce="01", windows=4, model=tmp_path / "delivered")
+    report = verify_trace(honest["tiny-lora"], contract, nonce="0101010101010101", windows=4, model=tmp_path / "delivered")
     assert report.verdict == "PASS", report.summary()
 
 
 @pytest.mark.parametrize("kind,step", [("skip_update", 3), ("lr", 6), ("nudge", 5)])
 def test_cheat_inside_training_fails_when_challenged(contracts, tmp_path, kind, step):
     trace, _ = record(contracts["tiny-lora"], tmp_path, cheat=Cheat(kind, step))
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="02")  # all 4 windows challenged
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0202020202020202")  # all 4 windows challenged
     assert report.verdict == "FAIL"
     assert not report.data_check.mismatched_steps  # the data was honest
     assert report.failures[0].step == step, report.summary()  # the first divergence is the cheated step
@@ -123,17 +123,17 @@ def test_replaced_batch_fails_data_check_even_unchallenged(contracts, tmp_path):
                       with_indices=True)  # fmt: skip
 
     trace, _ = record(contracts["tiny-lora"], tmp_path, dataset_fn=poison)
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="03", only_windows=())
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0303030303030303", only_windows=())
     assert report.verdict == "FAIL" and not report.windows
     assert len(report.data_check.mismatched_steps) == 1
     poisoned = report.data_check.mismatched_steps[0]
-    full = verify_trace(trace, contracts["tiny-lora"], nonce="03")
+    full = verify_trace(trace, contracts["tiny-lora"], nonce="0303030303030303")
     assert poisoned in {f.step for f in full.failures if f.check == "replay"}
 
 
 def test_swapped_batches_fail_data_check_and_replay(contracts, tmp_path):
     trace, _ = record(contracts["tiny-lora"], tmp_path, trainer_cls=SwapTrainer)
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="04")
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0404040404040404")
     assert report.verdict == "FAIL"
     assert report.data_check.mismatched_steps == (5, 6)
     assert {f.step for f in report.failures if f.check == "replay"} >= {5}
@@ -164,7 +164,7 @@ def test_post_hoc_edit_fails_structure_even_unchallenged(honest, contracts, tmp_
         (trace / CHAIN).write_text("".join(lines[:-1]))
     else:
         (trace / "README.md").write_text("edited")
-    report = verify_trace(trace, contracts["tiny-lora"], nonce="05", windows=1)
+    report = verify_trace(trace, contracts["tiny-lora"], nonce="0505050505050505", windows=1)
     assert report.verdict == "FAIL" and report.failures[0].check == "structure", report.summary()
     assert not report.windows
 
@@ -176,7 +176,7 @@ def test_other_contract_fails(honest, contracts, tmp_path):
     data["training"]["learning_rate"] = 2e-3
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(data))
-    report = verify_trace(honest["tiny-lora"], other, nonce="06")
+    report = verify_trace(honest["tiny-lora"], other, nonce="0606060606060606")
     assert report.verdict == "FAIL" and report.failures[0].code == "contract_mismatch"
 
 
@@ -187,8 +187,8 @@ def test_challenge_is_deterministic_and_nonce_dependent(honest, contracts):
     a = make_challenge(c, root, b"\x01", 3)
     assert a == make_challenge(c, root, b"\x01", 3) and a.chosen[0] == 0 and a.chosen[-1] == 3 and len(a.chosen) == 3
     assert {make_challenge(c, root, bytes([i]), 3).chosen for i in range(20)} == {(0, 1, 3), (0, 2, 3)}
-    r1 = verify_trace(honest["tiny-lora"], c, nonce="aa", windows=3, data_check=False)
-    r2 = verify_trace(honest["tiny-lora"], c, nonce="aa", windows=3, data_check=False)
+    r1 = verify_trace(honest["tiny-lora"], c, nonce="aaaaaaaaaaaaaaaa", windows=3, data_check=False)
+    r2 = verify_trace(honest["tiny-lora"], c, nonce="aaaaaaaaaaaaaaaa", windows=3, data_check=False)
     assert [w.index for w in r1.windows] == [w.index for w in r2.windows] and r1.seed == r2.seed
     assert r1.detection.windows_total == 4 and r1.detection.windows_checked == 3
 
@@ -200,19 +200,19 @@ def test_verifier_side_problem_is_error_not_pass(honest, contracts, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(V, "replay_window", broken)
-    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="07", windows=2)
+    report = verify_trace(honest["tiny-lora"], contracts["tiny-lora"], nonce="0707070707070707", windows=2)
     assert report.verdict == "ERROR" and report.exit_code == 2
 
 
 def test_cli_exit_codes_and_report(honest, contracts, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "aftune_hf", "verify", str(honest["tiny-lora"]), "--contract", str(contracts["tiny-lora"]),
-           "--nonce", "0badc0de", "--windows", "4", "--report", str(tmp_path / "r.json"), "--quiet"]  # fmt: skip
+           "--nonce", "0badc0de0badc0de", "--windows", "4", "--report", str(tmp_path / "r.json"), "--quiet"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.startswith("PASS")
     report = report_from_json(json.loads((tmp_path / "r.json").read_text()))
-    assert report.verdict == "PASS" and report.nonce == "0badc0de"
+    assert report.verdict == "PASS" and report.nonce == "0badc0de0badc0de"
     bad = fresh_copy(honest["tiny-lora"], tmp_path)
     (bad / checkpoint_path(2)).write_bytes(b"garbage")
     p = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], capture_output=True, text=True, env=env)
@@ -247,14 +247,14 @@ def tolerance_setup(tmp_path_factory, base_model_dir):
 def test_other_kernel_path_fails_exact_but_passes_tolerance(honest, contracts, tolerance_setup):
     """ATEN_CPU_CAPABILITY=default changes the bits: exact mode reports the replay's difference as the
     verifier's ERROR naming the CPU kernel path (not the provider's FAIL); tolerance mode passes."""
-    exact = _cli(["verify", honest["tiny-lora"], "--contract", contracts["tiny-lora"], "--nonce", "08", "--json"],
+    exact = _cli(["verify", honest["tiny-lora"], "--contract", contracts["tiny-lora"], "--nonce", "0808080808080808", "--json"],
                  ATEN_CPU_CAPABILITY="default")  # fmt: skip
     assert exact.returncode == 2, exact.stdout[-2000:] + exact.stderr[-2000:]
     report = json.loads(exact.stdout)
     assert report["verdict"] == "ERROR" and "cpu_capability: trace " in report["error"], report["error"]
     assert any("state digest differs" in f["reason"] for f in report["failures"])  # what was seen is kept
     contract, trace = tolerance_setup
-    tol = _cli(["verify", trace, "--contract", contract, "--nonce", "08", "--json"], ATEN_CPU_CAPABILITY="default")
+    tol = _cli(["verify", trace, "--contract", contract, "--nonce", "0808080808080808", "--json"], ATEN_CPU_CAPABILITY="default")
     assert tol.returncode == 0, tol.stdout[-3000:] + tol.stderr[-2000:]
     report = json.loads(tol.stdout)
     distances = [s["distance"] for w in report["windows"] for s in w["steps"]]
@@ -265,7 +265,7 @@ def test_other_kernel_path_fails_exact_but_passes_tolerance(honest, contracts, t
 def test_tolerance_mode_still_catches_cheats(tolerance_setup, tmp_path):
     contract, _ = tolerance_setup
     trace, _ = record(contract, tmp_path, cheat=Cheat("lr", 4, amount=0.9))
-    report = verify_trace(trace, contract, nonce="09")
+    report = verify_trace(trace, contract, nonce="0909090909090909")
     assert report.verdict == "FAIL" and report.failures[0].step == 4, report.summary()
     step4 = next(c for w in report.windows for c in w.steps if c.step == 4)
     assert step4.distance > 1e-6
@@ -285,11 +285,11 @@ def test_html_report_in_headless_chromium(tolerance_setup, tmp_path):
     from tests.browser import render_in_chromium
 
     contract, trace = tolerance_setup
-    p = _cli(["verify", trace, "--contract", contract, "--nonce", "0a", "--quiet", "--report", tmp_path / "pass.json",
+    p = _cli(["verify", trace, "--contract", contract, "--nonce", "0a0a0a0a0a0a0a0a", "--quiet", "--report", tmp_path / "pass.json",
               "--html", tmp_path / "pass.html"])  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     cheated, _ = record(contract, tmp_path / "cheat", cheat=Cheat("lr", 4, amount=0.9))
-    verify_trace(cheated, contract, nonce="0a").write(tmp_path / "fail.json")
+    verify_trace(cheated, contract, nonce="0a0a0a0a0a0a0a0a").write(tmp_path / "fail.json")
     p = _cli(["report", tmp_path / "fail.json", "--html", tmp_path / "fail.html"])
     assert p.returncode == 1, p.stderr[-2000:]  # `aftune report` exits with the report's verdict code
     for name, verdict in (("pass", "PASS"), ("fail", "FAIL")):

@@ -9,13 +9,12 @@ windows), :mod:`.delivered` (the model the client received).
 
 Example:
     >>> from aftune_hf.verify import verify_trace
-    >>> report = verify_trace("runs/trace", "configs/tiny-lora.yaml", nonce="a1b2c3")   # doctest: +SKIP
+    >>> report = verify_trace("runs/trace", "configs/tiny-lora.yaml", nonce="a1b2c3a1b2c3a1b2")   # doctest: +SKIP
     >>> print(report.summary())                                                        # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,7 +31,9 @@ from .data import iter_data_steps
 from .delivered import check_delivered
 from .derive import derive_expected
 from .env import adopt_environment
-from .structure import Challenge, check_client_artifacts, check_structure, failure_from, make_challenge, window_bounds
+from .structure import (
+    Challenge, check_client_artifacts, check_structure, failure_from, make_challenge, parse_nonce, window_bounds,
+)  # fmt: skip
 from .window import Log, check_window, check_windows, distance, window_failures
 
 
@@ -71,7 +72,7 @@ def verify_trace(
     c = contract if isinstance(contract, Contract) else load_contract(contract)
     if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
         raise ConfigError("invalid_windows", f"windows must be an integer >= 1, got {windows!r}")
-    nonce_bytes = bytes.fromhex(nonce) if isinstance(nonce, str) else (nonce or os.urandom(16))
+    nonce_bytes = parse_nonce(nonce)
     base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex(), source=str(trace),
                 tolerance=c.audit.tolerance, contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []

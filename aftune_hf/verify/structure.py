@@ -8,12 +8,13 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import digest as D
 from ..contract import Contract
-from ..errors import AftuneError, ClientArtifactError, ManifestMismatchError, ProviderFault
+from ..errors import AftuneError, ClientArtifactError, ConfigError, ManifestMismatchError, ProviderFault
 from ..report import Failure
 from ..trace import Integrity, TraceReader
 from .derive import FLOAT_RTOL, Expected, derivable_differences, derive_expected, same_value
@@ -34,6 +35,29 @@ def window_bounds(contract: Contract) -> tuple[tuple[int, int], ...]:
     n, k = contract.training.max_steps, contract.audit.anchor_every
     edges = sorted({*range(0, n, k), n})
     return tuple(zip(edges, edges[1:]))
+
+
+NONCE_BYTES = (8, 64)  # the client's randomness: at least 64 bits, at most a bounded line
+
+
+def parse_nonce(nonce: str | bytes | None) -> bytes:
+    """The client's nonce as bytes (hex text or bytes; 16 random bytes when absent).
+
+    Raises:
+        ConfigError: ``invalid_nonce`` if it is not hex or not 8 to 64 bytes long.
+    """
+    if nonce is None:
+        return os.urandom(16)
+    if isinstance(nonce, str):
+        try:
+            nonce = bytes.fromhex(nonce)
+        except ValueError:
+            raise ConfigError("invalid_nonce", "the nonce must be hex digits") from None
+    lo, hi = NONCE_BYTES
+    if not lo <= len(nonce) <= hi:
+        raise ConfigError("invalid_nonce", f"the nonce must be {lo} to {hi} bytes ({2 * lo} to {2 * hi} hex digits) "
+                          f"of your own randomness, got {len(nonce)}")  # fmt: skip
+    return bytes(nonce)
 
 
 def make_challenge(contract: Contract, trace_root: bytes, nonce: bytes, k: int | None = None) -> Challenge:

@@ -80,7 +80,7 @@ class Lab:
         return trace
 
     def verify(self, trace: Path, mode: str = "exact", **kw) -> VerificationReport:
-        return verify_trace(trace, self.contracts[mode], nonce="5eed", windows=10**6, **kw)
+        return verify_trace(trace, self.contracts[mode], nonce="5eed5eed5eed5eed", windows=10**6, **kw)
 
 
 # --- training attacks -------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def serve_other_model(lab: Lab):
 
     log, trace = _serve(lab, "serve_other", other, lie=True)
     return ("served another model while claiming the audited weights' digests",
-            verify_inference(log, lab.contracts["exact"], trace=trace, nonce="01"))  # fmt: skip
+            verify_inference(log, lab.contracts["exact"], trace=trace, nonce="0101010101010101"))  # fmt: skip
 
 
 def serve_quantised(lab: Lab):
@@ -254,7 +254,7 @@ def serve_quantised(lab: Lab):
 
     log, trace = _serve(lab, "serve_int8", int8, lie=True)
     return ("served an int8-quantised copy while claiming the audited weights' digests",
-            verify_inference(log, lab.contracts["exact"], trace=trace, nonce="02"))  # fmt: skip
+            verify_inference(log, lab.contracts["exact"], trace=trace, nonce="0202020202020202"))  # fmt: skip
 
 
 def change_decoding(lab: Lab):
