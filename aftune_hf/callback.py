@@ -143,7 +143,8 @@ class AuditCallback(StepObserver):
         # Before train() resolves resume_from_checkpoint=True to the newest checkpoint-N: move aside
         # the torn ones and those past the trace's last committed step (every process may do this).
         done = progress(self.trace_dir)
-        if 0 <= done.last_step < self.contract.training.max_steps and not done.sealed:
+        ours = done.contract_digest == self.contract.digest_hex()
+        if ours and 0 <= done.last_step < self.contract.training.max_steps and not done.sealed:
             set_aside(args.output_dir, done.last_step)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
