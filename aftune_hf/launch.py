@@ -209,7 +209,7 @@ def run() -> None:
         from .safeio import atomic_write_bytes
 
         atomic_write_bytes(exit_file, str(code).encode())
-    state.destroy_process_group()  # a clean teardown: CI once saw one process abort (SIGABRT) at exit without it
+    state.destroy_process_group()  # good practice; it does NOT prevent the rare gloo SIGABRT at exit (issue 16 note)
     raise SystemExit(0 if exit_file else code)
 
 
