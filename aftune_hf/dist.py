@@ -39,7 +39,7 @@ def end_processes() -> None:
 
     A group still alive at interpreter exit is torn down during finalisation, where a joinable
     C++ thread aborts the process ("terminate called without an active exception", SIGABRT) in
-    about 1 of 10 exits of a 2-process gloo run here; ``destroy_process_group()`` alone does not
+    about 1 of 11 exits of a 2-process gloo DDP run here; ``destroy_process_group()`` alone does not
     help while a DDP module still references the group (docs/SCALING.md).
 
     Example:

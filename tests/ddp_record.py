@@ -64,7 +64,7 @@ def main() -> int:
 
 def run() -> int:
     """main() (the Trainer and its DDP model are freed when it returns), then end_processes():
-    without it about 1 in 10 exits of a 2-process run abort with SIGABRT (issue 16)."""
+    without it about 1 in 11 exits of a 2-process run abort with SIGABRT (issue 16)."""
     from aftune_hf.dist import end_processes
 
     code = main()
