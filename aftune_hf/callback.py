@@ -22,9 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import queue
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import torch
 
 from . import digest as D
 from . import records as R
+from .bgwriter import BackgroundWriter
 from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
@@ -41,45 +40,6 @@ from .trace import ROOT, Anchor, Progress, TraceWriter, progress, schema_of
 from .trainer_checkpoints import set_aside
 
 logger = logging.getLogger(__name__)
-
-
-class _BackgroundWriter:
-    """One writer thread, a bounded queue (back-pressure), errors re-raised on the caller."""
-
-    def __init__(self, maxsize: int) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=maxsize)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="aftune-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                if self.error is None:
-                    job()
-            except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
-                self.error = e
-            finally:
-                self._queue.task_done()
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RecorderError("write_failed", f"recording stopped: {self.error}") from self.error
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.raise_if_failed()
-        self._queue.put(job)
-
-    def flush(self) -> None:
-        self._queue.join()
-        self.raise_if_failed()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
 
 
 class AuditCallback(StepObserver):
@@ -96,6 +56,9 @@ class AuditCallback(StepObserver):
         hub_endpoint, hub_token, hub_private: passed to ``huggingface_hub``.
         signing_key: an Ed25519 private key (``aftune keygen``): sign the sealed root
             (``signature.dsse.json``, :mod:`aftune_hf.attest`), before any push.
+        device_hash: compute the per-step state digest where the trainable tensors live
+            (:mod:`aftune_hf.device_blake3`; the same digest), so a step that writes no checkpoint
+            or anchor copies nothing to the host. Default: on when they are on a GPU.
 
     Example:
         >>> trainer = Trainer(..., callbacks=[AuditCallback("contract.yaml", "runs/trace")])  # doctest: +SKIP
@@ -113,6 +76,7 @@ class AuditCallback(StepObserver):
         hub_token: str | None = None,
         hub_private: bool = False,
         signing_key: str | Path | None = None,
+        device_hash: bool | None = None,
     ) -> None:
         super().__init__()
         self.contract = contract if isinstance(contract, Contract) else load_contract(contract)
@@ -120,11 +84,12 @@ class AuditCallback(StepObserver):
         self.queue_size = queue_size
         self.check_base_model = check_base_model
         self.writer: TraceWriter | None = None
-        self._bg: _BackgroundWriter | None = None
+        self._bg: BackgroundWriter | None = None
         self._reads_done = threading.Event()
         self._reads_done.set()
         self.hub = dict(repo_id=push_to_hub, endpoint=hub_endpoint, token=hub_token, private=hub_private)
         self.signing_key = signing_key
+        self.device_hash = device_hash
         if signing_key is not None:
             from .attest import public_key
 
@@ -198,7 +163,11 @@ class AuditCallback(StepObserver):
             anchor = anchor_with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
             a0 = self.writer.write_anchor(anchor)
             self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
-        self._bg = _BackgroundWriter(self.queue_size)
+        if self._hash_on_device(params):
+            from .device_blake3 import prepare
+
+            prepare(next(iter(params.values())).device)  # compile and self-check now, not inside step 1
+        self._bg = BackgroundWriter(self.queue_size)
 
     def _refuse_finished(self, done: Progress) -> None:
         """A job whose steps are all committed is never recorded again: seal it if a crash stopped
@@ -316,14 +285,20 @@ class AuditCallback(StepObserver):
     def _commit(self, fields: dict[str, Any], params: dict, checkpoint: bool, anchor: Anchor | None) -> None:
         staged: list = []
         try:  # phase 1 reads the live tensors: hash them, write them to temp files
-            params, copied = on_host(params)  # on a GPU: one copy to the CPU, then training may go on
-            optimizer = None
-            if anchor is not None:
-                optimizer, optimizer_copied = on_host(anchor.optimizer)
-                copied = copied or optimizer_copied
-            if copied:
-                self._reads_done.set()
-            fields = {**fields, "state": D.state_digest(params), "checkpoint": checkpoint}
+            if not checkpoint and anchor is None and self._hash_on_device(params):
+                from .device_blake3 import state_digest  # only 32 bytes per tensor leave the device
+
+                state = state_digest(params)
+            else:
+                params, copied = on_host(params)  # on a GPU: one copy to the CPU, then training may go on
+                optimizer = None
+                if anchor is not None:
+                    optimizer, optimizer_copied = on_host(anchor.optimizer)
+                    copied = copied or optimizer_copied
+                if copied:
+                    self._reads_done.set()
+                state = D.state_digest(params)
+            fields = {**fields, "state": state, "checkpoint": checkpoint}
             if checkpoint:
                 staged += self.writer.stage_checkpoint(fields["step"], params)
             digest = None
@@ -341,6 +316,11 @@ class AuditCallback(StepObserver):
         self.writer.append(R.step_record(**fields, anchor=digest))
         if digest is not None and self.hub["repo_id"]:
             self._push_in_background()
+
+    def _hash_on_device(self, params: dict) -> bool:
+        if self.device_hash is not None:
+            return self.device_hash
+        return any(t.device.type == "cuda" for t in params.values())
 
     def _push(self, progress: bool = False) -> Any:
         from .hub import push_trace

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -34,10 +35,10 @@ class SpyTrainer(transformers.Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def record(contract_path, tmp_path, name="trace", trainer_cls=transformers.Trainer, **overrides):
+def record(contract_path, tmp_path, name="trace", trainer_cls=transformers.Trainer, callback=None, **overrides):
     contract = load_contract(contract_path)
     parts = build(contract, str(tmp_path / f"out-{name}"), disable_tqdm=True, logging_steps=100, **overrides)
-    cb = AuditCallback(contract, tmp_path / name)
+    cb = AuditCallback(contract, tmp_path / name, **(callback or {}))
     trainer = trainer_cls(**parts.trainer_kwargs(), callbacks=[cb])
     if trainer_cls is SpyTrainer:
         trainer.seen = []
@@ -232,3 +233,21 @@ def test_writer_reads_cpu_tensors_in_place():
     live = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
     host, copied = on_host(live)
     assert not copied and all(host[n] is live[n] or host[n].data_ptr() == live[n].data_ptr() for n in live)
+
+
+def test_device_hashed_steps_commit_the_same_digests(write_contract, tmp_path, monkeypatch):
+    """``device_hash=True`` (the GPU default) hashes the steps without a checkpoint or anchor through
+    aftune_hf.device_blake3 in place; the chain must be byte-identical to host hashing."""
+    from aftune_hf import device_blake3
+
+    calls = []
+    real = device_blake3.state_digest
+    monkeypatch.setattr(device_blake3, "state_digest", lambda t, **kw: calls.append(len(t)) or real(t, **kw))
+    path = write_contract("tiny-full", training={"max_steps": 6}, audit={"anchor_every": 3, "checkpoint_every": 2})
+    record(path, tmp_path, name="host", callback={"device_hash": False})
+    assert calls == []
+    record(path, tmp_path, name="device", callback={"device_hash": True})
+    assert len(calls) == 2  # steps 1 and 5: no checkpoint (2, 4, 6), no anchor (3, 6)
+    host, device = ([json.loads(x)["record"] for x in (tmp_path / n / CHAIN).read_text().splitlines()] for n in ("host", "device"))
+    assert len(host) == 7 and all(r["state"] for r in host)
+    assert host == device  # every field of every record (the chain values differ: random run ids)
