@@ -34,7 +34,10 @@ from .bgwriter import BackgroundWriter
 from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
-from .live import contract_differences, make_anchor, on_host, rng_states, running_trainer, set_rng_states, trainable_params, unwrap
+from .live import (
+    contract_differences, make_anchor, on_host, rng_states, running_trainer, set_rng_states, sharded_parameters,
+    trainable_params, unwrap,
+)  # fmt: skip
 from .observe import StepObserver
 from .trace import ROOT, Anchor, Progress, TraceWriter, progress, schema_of
 from .trainer_checkpoints import set_aside
@@ -125,6 +128,10 @@ class AuditCallback(StepObserver):
         self.rank, self.world, self._device = args.process_index, args.world_size, args.device
         self._bars = not args.disable_tqdm
         with self._failing_together():
+            if sharded := sharded_parameters(model):  # a shard's digest would not be the tensor's: fail closed
+                raise RecorderError("unsupported_sharding", f"{len(sharded)} trainable parameters are shards ({sharded[0]}, "
+                                    "...): FSDP and DeepSpeed ZeRO-3 runs are not recorded yet (docs/SCALING.md); "
+                                    "train with DDP")  # fmt: skip
             diffs = contract_differences(
                 self.contract, args, model, train_dataloader,
                 check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft),

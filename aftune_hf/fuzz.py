@@ -91,7 +91,7 @@ def apply_mutation(root: Path, m: Mutation) -> str:
         y.write_bytes(bx)
         return f"swap {x.relative_to(root).as_posix()} and {y.relative_to(root).as_posix()}"
     if m.kind == "anchor_state":
-        anchors = sorted(p for p in root.glob("anchors/step-*") if p.is_dir())
+        anchors = sorted(p for p in root.glob("anchors/*/step-*") if p.is_dir())
         if anchors:
             return _anchor_state(root, anchors[m.a % len(anchors)], m)
     # fall back to a bit flip in the first byte so every mutation changes something
@@ -234,16 +234,17 @@ def _restate(root: Path, record: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from . import digest as D
+    from .trace import anchor_path, checkpoint_path
 
     step = record.get("step")
     if record.get("kind") == "step" and record.get("checkpoint"):
         try:
-            record["state"] = D.state_digest(load_file(root / f"checkpoints/step-{step:08d}.safetensors")).hex()
+            record["state"] = D.state_digest(load_file(root / checkpoint_path(step))).hex()
         except Exception:  # noqa: BLE001
             pass
     if record.get("anchor") is None:
         return
-    d = root / f"anchors/step-{step:08d}"
+    d = (root / anchor_path(step, "meta")).parent
     try:
         parts = {p: D.state_digest(load_file(d / f"{p}.safetensors")) for p in ("params", "optimizer", "rng")}
         parts["meta"] = D.json_digest(json.loads((d / "anchor.json").read_text()))

@@ -1,7 +1,9 @@
 """Push traces (and inference logs) to the Hugging Face Hub and pull them at a pinned revision.
 
 Pushing returns the commit sha next to the trace root: the client pins that revision, then draws
-its nonce. Pulling downloads exactly that revision, file by file (names validated, sizes bounded
+its nonce. A push uploads only what the Hub's newest revision lacks, in commits of at most 100
+files (the Hub's recommendation), the top-level files last; an interrupted push is resumed by
+running it again. Pulling (:mod:`aftune_hf.hub_pull`) downloads exactly that revision, file by file (names validated, sizes bounded
 first), into a private directory the strict reader then checks -- the Hub's cache layout with its
 symlinks is never verified directly. Network trouble raises :class:`FetchError` (verdict ERROR);
 a repository, revision or file the provider does not serve is a :class:`ManifestMismatchError`
@@ -24,13 +26,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, FetchError, ManifestMismatchError, ResourceLimitError
-from .safeio import validate_relpath
-from .trace import IGNORED, LOCK, Limits, TraceReader
+from .errors import ConfigError, FetchError
+from .trace import HUB_MAX_FILES, IGNORED, LOCK, TraceReader
 
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 _URI = re.compile(r"^hf://(?:(?P<type>datasets|models)/)?(?P<repo>[\w.-]+(?:/[\w.-]+)?)@(?P<rev>[0-9a-f]{40})$")
-IGNORE_ON_PUSH = [LOCK, "**/.*.tmp-*", ".*.tmp-*"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,7 @@ class PushResult:
     repo_type: str
     commit_sha: str
     trace_root: str | None
+    commits: int = 1  # how many commits the push made (files go up in bounded commits)
 
     @property
     def uri(self) -> str:
@@ -66,43 +66,10 @@ def _api(endpoint: str | None, token: str | None) -> Any:
     return HfApi(endpoint=endpoint, token=token)
 
 
-MIN_RATE = 1 << 20  # bytes/s a download must average: a pull's deadline is BASE_DEADLINE + its listed bytes / MIN_RATE
-BASE_DEADLINE = 120.0
-READ_TIMEOUT = 30.0  # seconds without a byte before a download is given up
-
-
-def _fetch(session: Any, url: str, headers: dict[str, str], size: int, target: Path, deadline: float, bar: Any) -> None:
-    """Stream ``url`` into ``target``: more bytes than the listing's ``size`` is the provider's FAIL
-    (stopped at ``size + 1``, never buffered), passing ``deadline`` (monotonic) an ERROR."""
-    import time
-
-    import httpx2
-
-    part = target.with_name(f".{target.name}.part")
-    got = 0
-    with session.stream("GET", url, headers=headers, follow_redirects=True,
-                        timeout=httpx2.Timeout(READ_TIMEOUT, connect=READ_TIMEOUT)) as r, open(part, "wb") as out:  # fmt: skip
-        if r.status_code == 404:
-            raise ManifestMismatchError("not_served", "the provider does not serve this file", path=target.name)
-        r.raise_for_status()
-        for chunk in r.iter_bytes():  # as bytes arrive: a drip must still see the deadline
-            got += len(chunk)
-            if got > size:
-                raise ManifestMismatchError("hash_mismatch", f"the server sends more than the listed {size} bytes",
-                                            path=target.name)  # fmt: skip
-            out.write(chunk)
-            bar.update(len(chunk))
-            if time.monotonic() > deadline:
-                raise FetchError("download_deadline", "the download is too slow (below 1 MB/s on average)", path=target.name)
-    if got != size:
-        raise ManifestMismatchError("hash_mismatch", f"served {got} bytes, the listing says {size}", path=target.name)
-    part.replace(target)  # our own plain copy in the verifier's private directory
-
-
 def _network_errors() -> tuple[type[BaseException], ...]:
-    import httpx2
+    from .hub_pull import network_errors
 
-    return (httpx2.TransportError, TimeoutError, ConnectionError)
+    return network_errors()
 
 
 def push_trace(
@@ -146,24 +113,99 @@ def push_trace(
         from .attest import public_key
 
         public_key(sign_key)  # a bad key is found before anything is uploaded
+    files = _local_files(path)
+    if len(files) > HUB_MAX_FILES:
+        raise ConfigError("too_many_files", f"{len(files)} files; a Hub repository should hold fewer than {HUB_MAX_FILES}: "
+                          "record with larger audit.checkpoint_every / anchor_every", path=str(path))  # fmt: skip
     api = _api(endpoint, token)
+    message = commit_message or (f"aftune trace {root}" if root else "aftune trace (in progress)")
     try:
         with _hub_bars(progress):
             api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
-            info = api.upload_folder(
-                folder_path=str(path), repo_id=repo_id, repo_type=repo_type,
-                commit_message=commit_message or (f"aftune trace {root}" if root else "aftune trace (in progress)"),
-                ignore_patterns=IGNORE_ON_PUSH,
-            )  # fmt: skip
+            sha, commits = _commit_in_batches(api, repo_id, repo_type, files, message, progress)
             if sign_key is not None:
                 from .attest import SIGNATURE, sign_root
 
-                signed = sign_root(path, sign_key, repo=repo_id, commit=info.oid)
-                info = api.upload_file(path_or_fileobj=str(signed), path_in_repo=SIGNATURE, repo_id=repo_id,
-                                       repo_type=repo_type, commit_message=f"aftune signature of {info.oid}")  # fmt: skip
+                signed = sign_root(path, sign_key, repo=repo_id, commit=sha)
+                sha = api.upload_file(path_or_fileobj=str(signed), path_in_repo=SIGNATURE, repo_id=repo_id,
+                                      repo_type=repo_type, commit_message=f"aftune signature of {sha}").oid  # fmt: skip
+                commits += 1
     except (HfHubHTTPError, *_network_errors()) as e:
-        raise FetchError("push_failed", f"{type(e).__name__}: {str(e)[:300]}", path=repo_id) from e
-    return PushResult(repo_id, repo_type, info.oid, root)
+        raise FetchError("push_failed", f"{type(e).__name__}: {str(e)[:300]} (run the push again: it uploads only "
+                         "what the Hub does not have yet)", path=repo_id) from e  # fmt: skip
+    return PushResult(repo_id, repo_type, sha, root, commits)
+
+
+COMMIT_FILES = 100  # the Hub's recommended most files per commit
+
+
+def _local_files(path: Path) -> dict[str, Path]:
+    """The files a push publishes: every regular file but the lock, temp files and ``.gitattributes``."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_file() and rel != LOCK and rel not in IGNORED and not (p.name.startswith(".") and ".tmp-" in p.name):
+            out[rel] = p
+    return out
+
+
+def _commit_in_batches(api: Any, repo_id: str, repo_type: str, files: dict[str, Path], message: str,
+                       progress: bool) -> tuple[str, int]:  # fmt: skip
+    """Upload what the Hub's newest revision lacks (or holds other bytes of) and delete what it holds
+    beyond ``files``: step files in commits of at most :data:`COMMIT_FILES`, then the top-level files
+    (header, chain, card, root) in the last commit, so a revision never shows a root before its files.
+    An interrupted push leaves whole commits behind; running it again skips what they uploaded.
+    Returns the last commit's sha and how many commits were made."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    remote = _remote_files(api, repo_id, repo_type)
+    changed = [rel for rel in sorted(files) if not _same_file(files[rel], remote.get(rel))]
+    ops: list[Any] = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(files[rel])) for rel in changed if "/" in rel]
+    ops += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(set(remote) - set(files) - IGNORED)]
+    last = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(files[rel])) for rel in changed if "/" not in rel]
+    batches = [ops[i : i + COMMIT_FILES] for i in range(0, len(ops), COMMIT_FILES)] + ([last] if last else [])
+    sha = None
+    for i, batch in enumerate(tqdm(batches, desc="pushing trace", unit="commit", disable=not progress or len(batches) < 2)):
+        note = f" ({i + 1}/{len(batches)})" if len(batches) > 1 else ""
+        sha = api.create_commit(repo_id, operations=batch, commit_message=message + note, repo_type=repo_type).oid
+    if sha is None:  # the Hub already holds exactly these files
+        sha = api.repo_info(repo_id, repo_type=repo_type).sha
+    return sha, len(batches)
+
+
+def _remote_files(api: Any, repo_id: str, repo_type: str) -> dict[str, Any]:
+    """The newest revision's files (path -> RepoFile), empty for a new repository."""
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    try:
+        return {f.path: f for f in api.list_repo_tree(repo_id, repo_type=repo_type, recursive=True) if hasattr(f, "size")}
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return {}
+
+
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns, inode, kind) -> hex digest: a file is hashed once per push process
+
+
+def _same_file(local: Path, remote: Any) -> bool:
+    """Whether the Hub's file has the local file's bytes: its LFS sha256, else its git blob id."""
+    if remote is None:
+        return False
+    st = local.stat()
+    if st.st_size != remote.size:
+        return False
+    lfs = getattr(remote, "lfs", None)
+    kind = "sha256" if lfs else "git"
+    key = (str(local.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, kind)
+    if key not in _HASHES:
+        import hashlib
+
+        h = hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % st.st_size)
+        with open(local, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    want = (lfs["sha256"] if isinstance(lfs, dict) else lfs.sha256) if lfs else remote.blob_id
+    return _HASHES[key] == want
 
 
 @contextlib.contextmanager
@@ -181,69 +223,4 @@ def _hub_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def pull(
-    repo_id: str,
-    revision: str,
-    dest: str | Path,
-    *,
-    repo_type: str = "model",
-    token: str | None = None,
-    endpoint: str | None = None,
-    limits: Limits = Limits(),
-    progress: bool = False,
-) -> Path:
-    """Download every file of ``repo_id`` at commit ``revision`` into ``dest`` (a fresh directory);
-    ``progress`` shows one bar over all the bytes."""
-    import time
-
-    from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session
-    from huggingface_hub.errors import (
-        EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
-    )  # fmt: skip
-
-    if not _SHA.fullmatch(revision):
-        raise ConfigError("invalid_revision", "pin a full 40-character commit sha", path=revision)
-    out = Path(dest)
-    out.mkdir(parents=True, exist_ok=False)
-    api = _api(endpoint, token)
-    try:
-        listing = [f for f in api.list_repo_tree(repo_id, revision=revision, repo_type=repo_type, recursive=True)
-                   if hasattr(f, "size")]  # fmt: skip
-        if len(listing) > limits.max_files:
-            raise ResourceLimitError("too_many_files", f"{len(listing)} files", path=repo_id)
-        for f in listing:
-            if f.path in IGNORED:
-                continue
-            validate_relpath(f.path, max_depth=limits.max_depth)
-            if f.size > limits.max_tensor_file_bytes:
-                raise ResourceLimitError("file_too_large", f"{f.size} bytes", path=f.path)
-        wanted = [f for f in listing if f.path not in IGNORED]
-        total = sum(f.size for f in wanted)
-        deadline = time.monotonic() + BASE_DEADLINE + total / MIN_RATE
-        bar = tqdm(total=total, desc="downloading trace", unit="B", unit_scale=True, disable=not progress)
-        session, headers = get_session(), build_hf_headers(token=token)
-        for f in wanted:
-            url = hf_hub_url(repo_id, f.path, revision=revision, repo_type=repo_type,
-                             endpoint=endpoint or constants.ENDPOINT)  # fmt: skip
-            target = out / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _fetch(session, url, headers, f.size, target, deadline, bar)
-        bar.close()
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
-        raise ManifestMismatchError("not_served", f"{type(e).__name__}: the provider does not serve this revision",
-                                    path=f"{repo_id}@{revision}") from e  # fmt: skip
-    except (HfHubHTTPError, *_network_errors()) as e:
-        raise FetchError("download_failed", f"{type(e).__name__}: {str(e)[:300]}", path=repo_id) from e
-    return out
-
-
-def local_copy(
-    trace: str | Path, work: Path, *, endpoint: str | None = None, token: str | None = None, progress: bool = False
-) -> Path:
-    """A local directory for ``trace``: itself, or a fresh pull of an ``hf://REPO@SHA`` URI."""
-    if isinstance(trace, str) and trace.startswith("hf://"):
-        repo_id, revision, repo_type = parse_uri(trace)
-        return pull(repo_id, revision, work / "pulled", repo_type=repo_type, endpoint=endpoint, token=token,
-                    progress=progress)  # fmt: skip
-    return Path(trace)
+from .hub_pull import RemoteFiles, local_copy, pull  # noqa: E402,F401 - re-exported

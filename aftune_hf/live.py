@@ -44,6 +44,15 @@ def trainable_params(model: Any) -> dict[str, torch.Tensor]:
     return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
+def sharded_parameters(model: Any) -> list[str]:
+    """Trainable parameters that are shards of a larger tensor: FSDP2 ``DTensor``, FSDP1 flat
+    parameters, DeepSpeed ZeRO-3 partitions (the recorder refuses them: docs/SCALING.md)."""
+    from torch.distributed.tensor import DTensor
+
+    return [n for n, p in unwrap(model).named_parameters()
+            if p.requires_grad and (isinstance(p, DTensor) or hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter")]  # fmt: skip
+
+
 def snapshot(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached CPU copies (safe to hand to another thread)."""
     return {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}

@@ -89,6 +89,16 @@ class DataCheck:
 
 
 @dataclass(frozen=True)
+class Download:
+    """What a verification fetched of a trace on the Hub: only the files its checks opened."""
+
+    files: int
+    bytes: int
+    trace_files: int
+    trace_bytes: int
+
+
+@dataclass(frozen=True)
 class Detection:
     """How likely the challenge catches a provider who falsified a fraction of windows."""
 
@@ -162,6 +172,7 @@ class VerificationReport:
     tolerance: float = 0.0  # the contract's audit.tolerance (0 in exact mode: bit equality)
     contract: dict[str, Any] | None = None  # the client's contract, canonical form (no local paths)
     curve: tuple[tuple[int, float, float], ...] = ()  # (step, loss, lr) as recorded in the trace
+    download: Download | None = None  # a trace on the Hub: what was downloaded of it
 
     @property
     def ok(self) -> bool:
@@ -205,6 +216,9 @@ class VerificationReport:
                 lines.insert(1, f"  no cheat found, but too few windows: a provider who falsified {d.fraction:.0%} of the "
                              f"windows is caught with {d.achieved:.1%}, the contract requires {d.required:.0%} "
                              f"(audit.min_detection); re-run with more --windows")  # fmt: skip
+        if self.download:
+            d = self.download
+            lines.append(f"  downloaded {d.bytes:,} of {d.trace_bytes:,} bytes ({d.files} of {d.trace_files} files)")
         if self.nonce:
             lines.append(f"  nonce {self.nonce}")
         return "\n".join(lines)
@@ -225,6 +239,7 @@ def report_from_json(data: dict[str, Any]) -> VerificationReport:
             "failures": tuple(Failure(**f) for f in data.get("failures", [])),
             "calls": tuple(CallResult(**c) for c in data.get("calls", [])),
             "curve": tuple((int(s), float(l), float(r)) for s, l, r in data.get("curve", [])),
+            "download": Download(**data["download"]) if data.get("download") else None,
         }
     )  # fmt: skip
 
@@ -247,4 +262,5 @@ def merge_reports(parts: list[VerificationReport]) -> VerificationReport:
         verdict, first.contract_digest, first.mode, first.trace_root, first.nonce, first.seed, first.num_steps,
         windows, data, first.detection, failures, "; ".join(errors) or None, max(p.seconds for p in parts),
         tuple(c for p in parts for c in p.calls), first.source, first.tolerance, first.contract, first.curve,
+        first.download,
     )  # fmt: skip

@@ -8,11 +8,12 @@ everything in memory:
 * ``POST /api/validate-yaml``                                   model-card metadata check (always valid)
 * ``POST /api/{models|datasets}/{repo}/preupload/{rev}``       upload modes (always "regular")
 * ``POST /api/{models|datasets}/{repo}/commit/{rev}``          NDJSON commit with base64 files
-* ``GET  /api/{models|datasets}/{repo}/revision/{rev}``        repository info at a revision
+* ``GET  /api/{models|datasets}/{repo}[/revision/{rev}]``      repository info (at a revision)
 * ``GET  /api/{models|datasets}/{repo}/tree/{rev}[/path]``     file listing at a revision
 * ``HEAD|GET /[datasets/]{repo}/resolve/{rev}/{path}``         file metadata / bytes at a revision
 
-Commits are immutable snapshots; ``tamper()`` lets a test play a malicious server that changes the
+Commits are immutable snapshots; ``fail_commits`` makes chosen commit requests fail (an interrupted
+push); ``tamper()`` lets a test play a malicious server that changes the
 bytes stored under an existing commit. Not a Hub implementation: no auth, LFS, xet or pagination.
 """
 
@@ -35,6 +36,9 @@ class FakeHub:
         self.lock = threading.Lock()
         self.requests: list[str] = []
         self.misbehave: dict[str, str] = {}  # file path -> "extra" | "endless" | "drip" (a hostile server)
+        self.fail_commits: set[int] = set()  # answer these commit requests (1-based count) with HTTP 500
+        self.commits = 0
+        self.log: list[tuple[str, list[str], list[str]]] = []  # every commit made: (sha, added, deleted)
         self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -77,6 +81,7 @@ class FakeHub:
             sha = digest.hexdigest()
             repo["commits"][sha] = files
             repo["main"] = sha
+            self.log.append((sha, sorted(added), sorted(deleted)))
             return sha
 
     def files_at(self, repo_type: str, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
@@ -93,6 +98,11 @@ class FakeHub:
 
 
 _TYPES = {"models": "model", "datasets": "dataset"}
+
+
+def _git_blob_id(data: bytes) -> str:
+    """The Hub lists a (non-LFS) file's git blob id: sha1 of ``blob <size>\\0`` and the bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -171,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
             files = json.loads(body)["files"]
             return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files],
                                     "commitOid": self.fake.repos[(repo_type, repo_id)]["main"]})  # fmt: skip
+        self.fake.commits += 1
+        if self.fake.commits in self.fake.fail_commits:
+            return self._json(500, {"error": "injected failure"})
         added, deleted = {}, []
         for line in body.decode().splitlines():
             if not line.strip():
@@ -194,7 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
         parsed = urlparse(self.path)
         path = unquote(parsed.path)
         self.fake.requests.append(f"{'HEAD' if head else 'GET'} {path}")
+        info = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)", path)  # repository info: the main revision
         m = re.fullmatch(r"/api/(models|datasets)/(.+?)/(revision|tree)/([0-9a-zA-Z._-]+)(?:/(.*))?", path)
+        if info:
+            m = re.fullmatch(r"/api/(models|datasets)/(.+?)/(revision)/(main)()", f"{path}/revision/main")
         if m:
             found = self.fake.files_at(_TYPES[m[1]], m[2], m[4])
             if found is None:
@@ -203,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
             if m[3] == "revision":
                 return self._json(200, {"id": m[2], "sha": sha, "siblings": [{"rfilename": p} for p in sorted(files)]})
             prefix = (m[5] or "").strip("/")
-            entries = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+            entries = [{"type": "file", "path": p, "size": len(b), "oid": _git_blob_id(b)}
                        for p, b in sorted(files.items()) if not prefix or p.startswith(prefix + "/")]  # fmt: skip
             return self._json(200, entries)
         m = re.fullmatch(r"/(datasets/)?(.+?)/resolve/([0-9a-zA-Z._-]+)/(.+)", path)

@@ -251,3 +251,26 @@ def test_device_hashed_steps_commit_the_same_digests(write_contract, tmp_path, m
     host, device = ([json.loads(x)["record"] for x in (tmp_path / n / CHAIN).read_text().splitlines()] for n in ("host", "device"))
     assert len(host) == 7 and all(r["state"] for r in host)
     assert host == device  # every field of every record (the chain values differ: random run ids)
+
+
+def test_fsdp_sharded_parameters_are_refused_before_anything_is_written(write_contract, tmp_path):
+    """FSDP2 works on CPU/gloo, but accelerate 1.15 turns the Trainer's ``fsdp`` into DDP there, so the
+    Trainer cannot run FSDP on CPU; a model sharded with ``fully_shard`` by hand stands in. Its
+    parameters are DTensor shards, whose digests would not be the tensors': the recorder fails closed."""
+    contract = write_contract("tiny-full", training={"max_steps": 2})
+    trace = tmp_path / "trace"
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_record.py"), str(contract), str(trace)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 3 and "REFUSED unsupported_sharding" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert not trace.exists() or not any(trace.iterdir())
+
+
+def test_fsdp_training_arguments_are_refused(write_contract, tmp_path):
+    from aftune_hf.recipes.common import argument_differences
+
+    contract = load_contract(write_contract("tiny-full"))
+    args = transformers.TrainingArguments(str(tmp_path / "o"), use_cpu=True, report_to=[])
+    assert argument_differences(contract, args) == []
+    args.fsdp, args.fsdp_config = "full_shard", {"fsdp_version": 2}
+    diffs = argument_differences(contract, args)
+    assert any("fsdp" in d for d in diffs) and any("fsdp_config" in d for d in diffs)

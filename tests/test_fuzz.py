@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from aftune_hf.contract import load_contract
 from aftune_hf.fuzz import KINDS, Mutation, apply_mutation, fingerprint, only_environment_changed
+from aftune_hf.trace import anchor_path
 from aftune_hf.verify import verify_trace
 from tests.conftest import record_tiny
 
@@ -74,7 +75,7 @@ def test_resealed_anchor_rng_meta_of_another_world_size_fails(honest, value, tmp
     contract, trace = honest
     copy = tmp_path / "trace"
     shutil.copytree(trace, copy)
-    meta_path = copy / "anchors" / "step-00000004" / "anchor.json"
+    meta_path = copy / anchor_path(4, "meta")
     meta = json.loads(meta_path.read_text())
     meta["rng"] = value
     meta_path.write_text(json.dumps(meta, sort_keys=True, separators=(",", ":")))

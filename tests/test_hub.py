@@ -169,7 +169,7 @@ def test_hostile_server_is_bounded_by_listing_and_deadline(hub, recorded, tmp_pa
     without end (FAIL), or drips a byte at a time (ERROR once the deadline passes) -- never unbounded."""
     import time
 
-    import aftune_hf.hub as H
+    import aftune_hf.hub_pull as H
 
     fake, endpoint = hub
     contract, trace = recorded
@@ -187,3 +187,58 @@ def test_hostile_server_is_bounded_by_listing_and_deadline(hub, recorded, tmp_pa
         assert took < 15
     else:
         assert report.verdict == "FAIL" and report.failures[0].code == "hash_mismatch", report.summary()
+
+
+def test_push_goes_up_in_bounded_commits_and_resumes_after_a_failure(hub, tmp_path, monkeypatch):
+    """Files go up in commits of at most COMMIT_FILES (10 here, 100 by default: the Hub's advice),
+    the root last; a push interrupted by a failed commit is finished by running it again, which
+    uploads only what the Hub lacks; a push with nothing new makes no commit; files the Hub holds
+    beyond the trace are deleted (else the verifier would FAIL the trace for them)."""
+    import aftune_hf.hub as H
+    from aftune_hf.errors import FetchError
+    from aftune_hf.trace import TraceReader
+    from tests.tracekit import write_trace
+
+    fake, endpoint = hub
+    trace = tmp_path / "t"
+    write_trace(trace, steps=40, anchor_every=4)  # 40 checkpoints, 11 anchors: 88 step files + 4
+    local = {p.relative_to(trace).as_posix() for p in trace.rglob("*") if p.is_file()}
+    monkeypatch.setattr(H, "COMMIT_FILES", 10)
+    fake.fail_commits = {fake.commits + 4}  # the 4th commit of this push fails
+    with pytest.raises(FetchError, match="push_failed"):
+        push_trace(trace, "me/batched", endpoint=endpoint, token="hf_test", progress=False)
+    fake.fail_commits = set()
+    _, partial = fake.files_at("model", "me/batched", "main")
+    assert len(set(partial) - {".gitattributes"}) == 30 and "root.json" not in partial
+    first = len(fake.log)
+    result = push_trace(trace, "me/batched", endpoint=endpoint, token="hf_test", progress=False)
+    resumed = fake.log[first:]
+    assert result.commits == len(resumed) == 7 and result.commit_sha == resumed[-1][0]
+    assert all(len(added) <= 10 for _, added, _ in resumed)
+    assert sum(len(added) for _, added, _ in resumed) == len(local) - 30  # nothing uploaded twice
+    assert "root.json" in resumed[-1][1] and all("root.json" not in a for _, a, _ in resumed[:-1])
+    sha, files = fake.files_at("model", "me/batched", result.commit_sha)
+    assert set(files) - {".gitattributes"} == local
+    assert all(files[rel] == (trace / rel).read_bytes() for rel in local)
+
+    again = push_trace(trace, "me/batched", endpoint=endpoint, token="hf_test", progress=False)
+    assert again.commit_sha == result.commit_sha and len(fake.log) == first + 7  # nothing new: no commit
+    fake.commit("model", "me/batched", "main", {"checkpoints/00000/step-00000099.safetensors": b"stale"}, [])
+    cleaned = push_trace(trace, "me/batched", endpoint=endpoint, token="hf_test", progress=False)
+    assert fake.log[-1][2] == ["checkpoints/00000/step-00000099.safetensors"]
+    pulled = pull("me/batched", cleaned.commit_sha, tmp_path / "p", endpoint=endpoint)
+    assert TraceReader(pulled).check_integrity().trace_root.hex() == result.trace_root
+
+
+def test_a_trace_with_more_files_than_a_hub_repo_takes_is_refused_before_upload(hub, tmp_path, monkeypatch):
+    import aftune_hf.hub as H
+    from aftune_hf.errors import ConfigError
+    from tests.tracekit import write_trace
+
+    fake, endpoint = hub
+    write_trace(tmp_path / "t", steps=10, anchor_every=2)
+    monkeypatch.setattr(H, "HUB_MAX_FILES", 20)
+    before = len(fake.requests)
+    with pytest.raises(ConfigError, match="too_many_files"):
+        push_trace(tmp_path / "t", "me/too-many", endpoint=endpoint, token="hf_test", progress=False)
+    assert len(fake.requests) == before

@@ -19,6 +19,7 @@ import yaml
 from aftune_hf import audited_trainer, verify_trace
 from aftune_hf.contract import load_contract
 from aftune_hf.errors import ConfigError, ContractViolationError
+from aftune_hf.trace import anchor_path
 from scripts.attacks.cheats import Cheat
 from tests import jobs
 from tests.conftest import CONFIGS, DATASET, REPO
@@ -181,7 +182,7 @@ def test_tolerance_mode_initial_state_further_than_tolerance_fails(llama48, tmp_
     contract, trace, _ = llama48
     copy = tmp_path / "trace"
     shutil.copytree(trace, copy)
-    f = copy / "anchors" / "step-00000000" / "params.safetensors"
+    f = copy / anchor_path(0, "params")
     tensors = load_file(f)
     name = sorted(n for n in tensors if ("lora_A" if edit == "scale_a" else "lora_B") in n)[0]
     tensors[name] = tensors[name] * (1 + 1e-4) if edit == "scale_a" else tensors[name] + 1e-9

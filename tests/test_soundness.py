@@ -16,7 +16,7 @@ import yaml
 
 from aftune_hf import digest as D
 from aftune_hf.contract import load_contract
-from aftune_hf.trace import CHAIN
+from aftune_hf.trace import CHAIN, anchor_path
 from aftune_hf.verify import verify_trace
 from scripts.attacks.cheats import ANCHOR_EDITS, AnchorEdit
 from tests.test_verify import ANCHOR, STEPS, contracts, honest, record, tolerance_setup  # noqa: F401 - fixtures
@@ -63,7 +63,7 @@ def _reseal_anchor(trace, step, edit):
     """A forger's edit of the anchor JSON at ``step``, every digest recomputed with our own code."""
     from aftune_hf.fuzz import reseal
 
-    meta_path = trace / f"anchors/step-{step:08d}/anchor.json"
+    meta_path = trace / anchor_path(step, "meta")
     meta = json.loads(meta_path.read_text())
     edit(meta)
     meta_path.write_bytes(D.canonical_json(meta))

@@ -423,3 +423,18 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_process(tmp_path):
         outcomes = sorted(results.get(timeout=5) for _ in procs)
         assert outcomes == ["lost", "lost", "lost", "won"], (trial, outcomes)
         assert not (root / ".aftune.lock").exists()  # released cleanly
+
+
+def test_layout_shards_steps_into_folders_of_a_thousand():
+    """Format 4: the Hub keeps < 10k entries per folder, so steps live in folders of SHARD_STEPS."""
+    from aftune_hf.trace import anchor_path, checkpoint_path, file_count, step_of_path
+
+    assert checkpoint_path(1234) == "checkpoints/00001/step-00001234.safetensors"
+    assert anchor_path(20000, "meta") == "anchors/00020/step-00020000/anchor.json"
+    assert anchor_path(999, "rng") == "anchors/00000/step-00000999/rng.safetensors"
+    for s in (0, 7, 999, 1000, 19999, 20000):
+        assert step_of_path(checkpoint_path(s)) == s and step_of_path(anchor_path(s, "params")) == s
+    assert step_of_path("checkpoints/00000/step-00001234.safetensors") is None  # in another step's folder
+    assert step_of_path("checkpoints/step-00000005.safetensors") is None  # format 3
+    assert file_count(20000, 10, 10) == 4 + 2000 + 2001 * 4
+    assert file_count(12, 4, 1) == 4 + 12 + 4 * 4 and file_count(10, 4, 3) == 4 + 4 + 4 * 4

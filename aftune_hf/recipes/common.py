@@ -28,7 +28,8 @@ COMPUTATION_FIELDS = (
     "lr_scheduler_kwargs", "optim_args", "optim_target_modules", "average_tokens_across_devices", "label_smoothing_factor",
     "tf32", "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "neftune_noise_alpha",
     "auto_find_batch_size", "full_determinism", "dataloader_drop_last", "remove_unused_columns", "label_names",
-    "train_sampling_strategy", "length_column_name", "ignore_data_skip", "accelerator_config",
+    "train_sampling_strategy", "length_column_name", "ignore_data_skip", "accelerator_config", "fsdp", "fsdp_config",
+    "deepspeed",
 )  # fmt: skip
 # fields of a TrainingArguments subclass (SFTConfig) that do not change the computation; all its others do
 HARMLESS_EXTRA_FIELDS = frozenset({"dataset_num_proc", "eval_packing", "trust_remote_code", "model_init_kwargs"})

@@ -5,8 +5,9 @@ Layout (a valid Hugging Face Hub repository; ``docs/FORMAT.md`` is the specifica
     README.md                              model card (written at finalize)
     aftune_trace.json                      header: format, contract, run id, schema, environment
     chain.jsonl                            one committed record per line (append-only)
-    checkpoints/step-00000005.safetensors  trainable tensors after a step
-    anchors/step-00000004/{params,optimizer,rng}.safetensors + anchor.json
+    checkpoints/00000/step-00000005.safetensors      trainable tensors after a step
+    anchors/00000/step-00000004/{params,optimizer,rng}.safetensors + anchor.json
+                                           (one folder per 1 000 steps: the Hub's folder limit)
     root.json                              the trace root (written last)
 
 :class:`TraceWriter` writes atomically (temp, fsync, rename, fsync dir); the chain line is
@@ -21,14 +22,14 @@ Example:
 """
 
 from .layout import (
-    ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, IGNORED, LOCK, ROOT, SIGNATURE, Anchor, Limits, Schema,
-    anchor_path, check_schema, checkpoint_path, environment, schema_of, step_of_path,
+    ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, HUB_MAX_FILES, IGNORED, LOCK, ROOT, SIGNATURE, Anchor, Limits,
+    Schema, anchor_path, check_schema, checkpoint_path, environment, file_count, schema_of, step_of_path,
 )  # fmt: skip
 from .reader import Integrity, TraceReader
 from .writer import Progress, TraceWriter, progress
 
 __all__ = [
-    "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "IGNORED", "LOCK", "ROOT", "SIGNATURE", "Anchor",
+    "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "HUB_MAX_FILES", "IGNORED", "LOCK", "ROOT", "SIGNATURE", "Anchor",
     "Integrity", "Limits", "Progress", "Schema", "TraceReader", "TraceWriter", "anchor_path", "check_schema", "checkpoint_path",
-    "environment", "progress", "schema_of", "step_of_path",
+    "environment", "file_count", "progress", "schema_of", "step_of_path",
 ]  # fmt: skip

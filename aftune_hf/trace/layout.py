@@ -23,8 +23,9 @@ from ..safeio import loads_json_strict, read_regular_file, validate_relpath
 from ..statecodec import decode_optimizer, decode_rng, from_json_value
 
 FORMAT = "aftune-trace"
-FORMAT_VERSION = 3  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
-# 3: ... without num_input_tokens_seen (a logging counter), the header's environment complete (issue 15)
+FORMAT_VERSION = 4  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
+# 3: ... without num_input_tokens_seen (a logging counter), the header's environment complete (issue 15);
+# 4: checkpoints and anchors in folders of SHARD_STEPS steps (the Hub's < 10k entries per folder, issue 17)
 HEADER, CHAIN, ROOT, CARD, LOCK = "aftune_trace.json", "chain.jsonl", "root.json", "README.md", ".aftune.lock"
 IGNORED = frozenset({".gitattributes"})  # added by the Hub itself; never read
 SIGNATURE = "signature.dsse.json"  # the provider's signed root (aftune_hf.attest); outside the root it signs
@@ -33,18 +34,39 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib",
 Schema = Mapping[str, tuple[str, tuple[int, ...]]]
 
 
+SHARD_STEPS = 1000  # steps per folder: a folder holds at most 1 000 checkpoints or anchor folders
+HUB_MAX_FILES = 100_000  # the Hub's recommended most files per repository
+
+
+def _shard(step: int) -> str:
+    return f"{step // SHARD_STEPS:05d}"
+
+
 def checkpoint_path(step: int) -> str:
-    return f"checkpoints/step-{step:08d}.safetensors"
+    """``checkpoints/00001/step-00001234.safetensors``: one folder per :data:`SHARD_STEPS` steps."""
+    return f"checkpoints/{_shard(step)}/step-{step:08d}.safetensors"
 
 
 def anchor_path(step: int, part: str) -> str:
-    return f"anchors/step-{step:08d}/{part}.safetensors" if part != "meta" else f"anchors/step-{step:08d}/anchor.json"
+    """``anchors/00001/step-00001230/{params,optimizer,rng}.safetensors`` or ``.../anchor.json`` (``part="meta"``)."""
+    folder = f"anchors/{_shard(step)}/step-{step:08d}"
+    return f"{folder}/{part}.safetensors" if part != "meta" else f"{folder}/anchor.json"
 
 
 def step_of_path(rel: str) -> int | None:
-    """The step a checkpoint or anchor file belongs to (None for other files)."""
-    m = re.fullmatch(r"(?:checkpoints/step-(\d{8})\.safetensors|anchors/step-(\d{8})/[a-z]+\.(?:safetensors|json))", rel)
-    return int(m.group(1) or m.group(2)) if m else None
+    """The step a checkpoint or anchor file belongs to (None for other files, or one in another step's folder)."""
+    m = re.fullmatch(r"(?:checkpoints/(\d{5})/step-(\d{8})\.safetensors|anchors/(\d{5})/step-(\d{8})/[a-z]+\.(?:safetensors|json))", rel)
+    if not m:
+        return None
+    shard, step = (m.group(1), m.group(2)) if m.group(2) else (m.group(3), m.group(4))
+    return int(step) if shard == _shard(int(step)) else None
+
+
+def file_count(max_steps: int, anchor_every: int, checkpoint_every: int) -> int:
+    """How many files a finished trace of these settings holds (header, chain, card, root included)."""
+    anchors = 1 + max_steps // anchor_every + (max_steps % anchor_every != 0)
+    checkpoints = max_steps // checkpoint_every + (max_steps % checkpoint_every != 0)
+    return 4 + checkpoints + anchors * (len(ANCHOR_PARTS) + 1)
 
 
 def schema_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -89,7 +111,7 @@ class Limits:
     """Verifier-side bounds, checked before allocating (a trace over them is a FAIL)."""
 
     max_files: int = 200_000
-    max_depth: int = 3
+    max_depth: int = 4
     max_json_bytes: int = 64 << 20
     max_chain_bytes: int = 1 << 30
     max_tensor_file_bytes: int = 256 << 30

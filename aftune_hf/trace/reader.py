@@ -13,14 +13,14 @@ from typing import Any
 from .. import digest as D
 from .. import records as R
 from ..errors import (
-    CommitmentError, ManifestMismatchError, ResourceLimitError, TraceFormatError,
+    CommitmentError, ManifestMismatchError, ResourceLimitError, TraceFormatError, UnsafeContentError,
 )  # fmt: skip
 
 OPTIMIZER_STATES = 4  # per-parameter tensors an optimizer keeps at most (AdamW with amsgrad: 3, plus a step)
 RNG_BYTES = 64 << 20  # every RNG state of every rank
 from ..safeio import parse_safetensors, read_regular_file
 from .layout import (
-    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, ROOT, SIGNATURE, Anchor,
+    ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, PICKLE_SUFFIXES, ROOT, SIGNATURE, Anchor,
     Limits, Schema, expected_files, parse_chain, read_json, scan_files, anchor_path, check_schema, checkpoint_path, step_of_path,
 )  # fmt: skip
 
@@ -49,22 +49,44 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class TraceReader:
-    """Strict reader of an untrusted trace directory.
+    """Strict reader of an untrusted trace directory, or of a trace on the Hub read lazily.
 
     Construction scans the directory: every entry must be a regular file or directory with
-    a safe relative name, no pickle-like file, within :class:`Limits`.
+    a safe relative name, no pickle-like file, within :class:`Limits`. With ``remote`` (a
+    :class:`aftune_hf.hub_pull.RemoteFiles`) the file set is the revision's listing and a file is
+    downloaded when first read; once :meth:`check_integrity` has read the root, every file that
+    arrives later must have the digest the root lists for it.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, limits: Limits = Limits()) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, limits: Limits = Limits(), remote: Any = None) -> None:
         self.limits = limits
-        self.files = scan_files(self.root, limits)
+        self.remote = remote
+        if remote is None:
+            self.root = Path(root)
+            self.files = scan_files(self.root, limits)
+        else:
+            self.root = Path(remote.dest)
+            self.files = {rel: size for rel, size in remote.sizes.items()}
+            for rel in self.files:
+                if rel.lower().endswith(PICKLE_SUFFIXES):
+                    raise UnsafeContentError("pickle_not_allowed", "never opened", path=rel)
+        self._committed: Mapping[str, str] | None = None  # the root's file digests, once read (remote only)
+
+    def local(self, rel: str) -> Path:
+        """The local path of trace file ``rel`` (downloaded and checked against the root first, if remote)."""
+        if self.remote is not None and rel not in self.remote.fetched:
+            self.remote.fetch(rel)
+            want = None if self._committed is None else self._committed.get(rel)
+            if want is not None and D.file_digest(self.root / rel).hex() != want:
+                raise ManifestMismatchError("hash_mismatch", "file differs from the root", path=rel, step=step_of_path(rel))
+        return self.root / rel
 
     # -- parts ------------------------------------------------------------------------------
 
     def _json(self, rel: str) -> Any:
         if rel not in self.files:
             raise ManifestMismatchError("missing_file", "required file absent", path=rel)
+        self.local(rel)
         return read_json(self.root, rel, self.limits)
 
     def header(self) -> dict[str, Any]:
@@ -99,6 +121,7 @@ class TraceReader:
         h = self.header()
         if CHAIN not in self.files:
             raise ManifestMismatchError("missing_file", "no chain", path=CHAIN)
+        self.local(CHAIN)
         data = read_regular_file(self.root, CHAIN, max_bytes=self.limits.max_chain_bytes)
         entries = parse_chain(data, D.chain_start(bytes.fromhex(h["contract_digest"]), h["run_id"]))
         if any(e.record["kind"] == "call" for e in entries):
@@ -109,6 +132,7 @@ class TraceReader:
         """A small file's bytes (bounded like JSON files)."""
         if rel not in self.files:
             raise ManifestMismatchError("missing_file", "required file absent", path=rel)
+        self.local(rel)
         return read_regular_file(self.root, rel, max_bytes=self.limits.max_json_bytes)
 
     def root_record(self) -> dict[str, Any]:
@@ -149,7 +173,9 @@ class TraceReader:
             raise ManifestMismatchError("extra_file", ", ".join(extra[:5]), path=extra[0])
         if set(root["files"]) != wanted:
             raise CommitmentError("root_mismatch", "files listed in root differ from the trace", path=ROOT)
-        for rel in sorted(wanted):
+        for rel in sorted(wanted):  # remote: the files here so far; the rest are checked as they arrive
+            if self.remote is not None and rel not in self.remote.fetched:
+                continue
             if D.file_digest(self.root / rel).hex() != root["files"][rel]:
                 raise ManifestMismatchError("hash_mismatch", "file differs from the root", path=rel, step=step_of_path(rel))
         fields = {k: v for k, v in root.items() if k != "trace_root"}
@@ -162,6 +188,7 @@ class TraceReader:
             raise TraceFormatError("root_invalid", f"root.json is not canonical: {e}", path=ROOT) from None
         if root["trace_root"] != trace_root.hex():
             raise CommitmentError("root_mismatch", "trace_root does not recompute", path=ROOT)
+        self._committed = root["files"]
         return Integrity(trace_root, num_steps, tuple(entries), root)
 
     def _tensors(self, rel: str, schema: Schema | None, bound: int | None = None) -> dict[str, Any]:
@@ -172,6 +199,7 @@ class TraceReader:
         if self.files[rel] > limit:
             raise ResourceLimitError("file_too_large", f"{self.files[rel]} bytes, at most {limit} expected", path=rel,
                                      step=step_of_path(rel))  # fmt: skip
+        self.local(rel)
         blob = read_regular_file(self.root, rel, max_bytes=limit)
         tensors = parse_safetensors(blob, path=rel, max_header=self.limits.max_safetensors_header)
         if schema is not None:

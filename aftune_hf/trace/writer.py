@@ -126,26 +126,32 @@ class TraceWriter:
 
     def stage_checkpoint(self, step: int, tensors: Mapping[str, Any]) -> list[tuple[Path, Path]]:
         """Write the checkpoint of ``step`` to a temp file; commit it with :meth:`commit_files`."""
-        (self.root / "checkpoints").mkdir(exist_ok=True)
-        return [stage_safetensors(self.root / checkpoint_path(step), tensors, {"format": "pt"})]
+        final = self._folder_for(checkpoint_path(step))
+        return [stage_safetensors(final, tensors, {"format": "pt"})]
 
     def stage_anchor(self, anchor: Anchor) -> tuple[bytes, list[tuple[Path, Path]]]:
         """Hash an anchor and write its files to temp files; returns its digest and the staged files."""
         if set(anchor.meta) != ANCHOR_META_KEYS or anchor.meta["step"] != anchor.step:
             raise RecorderError("anchor_invalid", f"meta keys {sorted(anchor.meta)}", step=anchor.step)
-        meta = self.root / anchor_path(anchor.step, "meta")
-        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta = self._folder_for(anchor_path(anchor.step, "meta"))
         digest = anchor.digest()
         staged = [stage_safetensors(self.root / anchor_path(anchor.step, p), getattr(anchor, p), {"format": "pt"})
                   for p in ANCHOR_PARTS]  # fmt: skip
         return digest, [*staged, stage_bytes(meta, D.canonical_json(dict(anchor.meta)))]
 
+    def _folder_for(self, rel: str) -> Path:
+        """``root / rel`` with its folders created, each new one made durable in its parent."""
+        path = self.root / rel
+        missing = [d for d in path.relative_to(self.root).parents if str(d) != "." and not (self.root / d).is_dir()]
+        for d in reversed(missing):  # outermost first
+            (self.root / d).mkdir()
+            fsync_dir((self.root / d).parent)
+        return path
+
     def commit_files(self, staged: list[tuple[Path, Path]]) -> None:
         """Make staged files durable and visible (before the record that refers to them)."""
         for tmp, final in staged:
             commit_staged(tmp, final)
-        if any(final.parent.parent.name == "anchors" for _, final in staged):
-            fsync_dir(self.root / "anchors")
 
     def write_checkpoint(self, step: int, tensors: Mapping[str, Any]) -> None:
         """Write trainable tensors after ``step`` (before the step's record is appended)."""

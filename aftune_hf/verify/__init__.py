@@ -26,13 +26,14 @@ from ..contract import Contract, load_contract
 from ..errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
 from ..replay import build_recipe
 from ..report import ERROR, FAIL, INCONCLUSIVE, PASS, DataCheck, Detection, Failure, VerificationReport
-from ..trace import Integrity, TraceReader
+from ..trace import SIGNATURE, Integrity, TraceReader
 from .data import iter_data_steps
 from .delivered import check_delivered
 from .derive import derive_expected
 from .env import adopt_environment
 from .structure import (
-    Challenge, check_client_artifacts, check_structure, failure_from, make_challenge, parse_nonce, window_bounds,
+    Challenge, check_client_artifacts, check_structure, failure_from, files_needed, make_challenge, parse_nonce,
+    window_bounds,
 )  # fmt: skip
 from .window import Log, check_window, check_windows, distance, window_failures
 
@@ -88,25 +89,34 @@ def verify_trace(
             check_client_artifacts(c)  # the client's own files: a mismatch is ERROR, never the provider's FAIL
             parts = build_recipe(c, work / "init")
             expected = derive_expected(c, work / "init", parts)
+            remote = None
             try:
-                from ..hub import local_copy
-
+                with_files = None
                 if isinstance(trace, str) and trace.startswith("hf://"):
-                    say(f"downloading {trace}")
-                local = local_copy(trace, work, endpoint=endpoint, progress=progress)
+                    from ..hub_pull import open_remote
+
+                    say(f"reading {trace} (only the files the checks open are downloaded)")
+                    remote = open_remote(trace, work, endpoint=endpoint, progress=progress)
+                    reader = TraceReader(remote=remote)
+                    first = make_challenge(c, reader.check_integrity().trace_root, nonce_bytes, windows)
+                    with_files = files_needed(first, [i for i in first.chosen if only_windows is None or i in only_windows])
+                else:
+                    reader = TraceReader(trace)
                 say("structural check")
-                reader = TraceReader(local)
-                integrity = check_structure(reader, c, work, expected)
+                integrity = check_structure(reader, c, work, expected, steps_with_files=with_files)
                 if signer is not None:
                     say("checking the provider's signature")
-                    check_signature(local, signer, root=integrity.trace_root, contract_digest=c.digest_hex(),
+                    if SIGNATURE in reader.files:
+                        reader.local(SIGNATURE)
+                    check_signature(reader.root, signer, root=integrity.trace_root, contract_digest=c.digest_hex(),
                                     count=integrity.num_steps)  # fmt: skip
                 if model is not None:
                     check_delivered(model, reader.schema(), integrity.root["final_state"], parts.model,
                                     c.resolve(c.base_model.path))  # fmt: skip
             except ProviderFault as e:
                 failures.append(failure_from("structure", e))
-                return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0)
+                return VerificationReport(FAIL, **base, failures=tuple(failures), seconds=time.perf_counter() - t0,
+                                          download=remote and remote.download())  # fmt: skip
             env_diffs = adopt_environment(reader.header()["environment"], say) if c.audit.mode == "exact" else []
             root_hex = integrity.trace_root.hex()
             challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
@@ -131,7 +141,7 @@ def verify_trace(
             return VerificationReport(
                 verdict, **base, trace_root=root_hex, seed=challenge.seed.hex(), num_steps=integrity.num_steps,
                 windows=tuple(results), data_check=data, detection=detection, failures=tuple(failures),
-                seconds=time.perf_counter() - t0, curve=_curve(integrity),
+                seconds=time.perf_counter() - t0, curve=_curve(integrity), download=remote and remote.download(),
             )  # fmt: skip
     except (OSError, MemoryError, ImportError, AftuneError) as e:
         if isinstance(e, ProviderFault):

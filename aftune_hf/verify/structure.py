@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,15 +71,28 @@ def make_challenge(contract: Contract, trace_root: bytes, nonce: bytes, k: int |
 # --- structure -------------------------------------------------------------------------------
 
 
+def files_needed(challenge: Challenge, windows: Sequence[int]) -> set[int]:
+    """The steps whose checkpoint and anchor files replaying ``windows`` opens: each window's two
+    anchors and its checkpoints, and step 0 (the initial-state check)."""
+    steps = {0}
+    for i in windows:
+        start, end = challenge.bounds[i]
+        steps.update(range(start, end + 1))
+    return steps
+
+
 def check_structure(
-    reader: TraceReader, contract: Contract, workdir: Path, expected: Expected | None = None, *, measure: bool = False
+    reader: TraceReader, contract: Contract, workdir: Path, expected: Expected | None = None, *, measure: bool = False,
+    steps_with_files: set[int] | None = None,
 ) -> Integrity:
     """The cheap whole-trace check; raises a :class:`ProviderFault` on the first problem.
 
     Besides the commitments: every step's lr is the contract's schedule at that step, and every
     anchor's optimizer options, scheduler state and step counter are the contract's
     (``expected``, derived from the client's recipe when not given). ``measure`` (``aftune
-    calibrate``): floats compared as in tolerance mode, the step-0 state left to the caller to measure."""
+    calibrate``): floats compared as in tolerance mode, the step-0 state left to the caller to measure.
+    ``steps_with_files`` (a trace read from the Hub): open only these steps' checkpoints and anchors
+    (:func:`files_needed`); every record is still checked."""
     from ..errors import CommitmentError, ContractViolationError
 
     integrity = reader.check_integrity()
@@ -114,6 +128,8 @@ def check_structure(
             raise ManifestMismatchError("challenged_window_unavailable", "anchor missing", step=s)
         if s and (s % audit.checkpoint_every == 0 or s == want) and not rec["checkpoint"]:
             raise ManifestMismatchError("checkpoint_missing", "checkpoint required by the contract", step=s)
+        if steps_with_files is not None and s not in steps_with_files:
+            continue
         if s and rec["checkpoint"] and D.state_digest(reader.checkpoint(s, schema)).hex() != rec["state"]:
             raise CommitmentError("state_mismatch", "checkpoint is not the committed state", step=s)
         if rec["anchor"] is not None:
