@@ -135,7 +135,11 @@ def test_a_compiler_that_fails_is_not_used(monkeypatch, fresh_compressor):
 
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match="failed .*no backend"):
-        assert B._compressor("cpu", True) is B._compress
+        B._compressor("cpu", True)
+    msgs = _messages(EDGES, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fallen back already: no second warning, right digests
+        assert B.hash_messages(msgs, compile=True) == [_ref(m) for m in msgs]
 
 
 @pytest.mark.skipif(not os.environ.get("AFTUNE_TEST_COMPILE"), reason="torch.compile takes ~80 s here; AFTUNE_TEST_COMPILE=1")
@@ -145,3 +149,27 @@ def test_compiled_on_cpu_equals_the_blake3_package(fresh_compressor):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert B.hash_messages(msgs, compile=True) == [_ref(m) for m in msgs]
+
+
+def test_a_compiled_function_that_fails_later_falls_back_for_good(monkeypatch, fresh_compressor):
+    """A recompilation for a new shape that fails must not stop recording: same digest, eager."""
+    calls, fail = [], []
+
+    def flaky(fn, **kw):
+        def call(*a):
+            calls.append(1)
+            if fail:
+                raise RuntimeError("recompile failed")
+            return fn(*a)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", flaky)
+    B._compressor("cpu", True)  # the self-test passes
+    fail.append(True)
+    before = len(calls)
+    msgs = _messages(EDGES, 5)
+    with pytest.warns(UserWarning, match="recompile failed"):
+        got = B.hash_messages(msgs, compile=True)
+    assert got == [_ref(m) for m in msgs]
+    assert len(calls) == before + 1  # once failed, never called again

@@ -19,7 +19,7 @@ from aftune_hf import AuditCallback
 from aftune_hf.contract import load_contract
 from aftune_hf.hub import push_trace
 from aftune_hf.recipes.causal_lm import build
-from aftune_hf.trace import HUB_MAX_FILES, anchor_path, file_count
+from aftune_hf.trace import HUB_MAX_FILES, anchor_path, checkpoint_path, file_count
 from aftune_hf.verify import verify_trace
 from tests.conftest import CONFIGS, DATASET
 from tests.hub_server import FakeHub
@@ -81,8 +81,15 @@ def test_twenty_thousand_steps_fit_the_hub_and_verify_from_a_few_files(long_trac
     d = report.download
     print(f"pushed {len(files)} files in {result.commits} commits in {pushed:.0f} s; verified in {verified:.0f} s; "
           f"downloaded {d.bytes:,} of {d.trace_bytes:,} bytes ({d.files} of {d.trace_files} files)")
-    assert d.trace_files == len(files) and d.files <= 4 + 4 + 3 * (1 + 2 * 4)  # top level, anchor 0, 3 windows
-    assert d.bytes < d.trace_bytes / 100
+    # exactly what the checks open: header, chain, root, card; the step-0 anchor; each chosen window's
+    # two anchors and its checkpoint (the chain, 450 B a step, is most of it for this tiny model)
+    wanted = {"aftune_trace.json", "chain.jsonl", "root.json", "README.md"}
+    for s in {0} | {w.start for w in report.windows} | {w.end for w in report.windows}:
+        wanted |= {anchor_path(s, p) for p in ("params", "optimizer", "rng", "meta")}
+    wanted |= {checkpoint_path(w.end) for w in report.windows}
+    assert d.trace_files == len(files) and d.trace_bytes == sum((trace / f).stat().st_size for f in files)
+    assert (d.files, d.bytes) == (len(wanted), sum((trace / f).stat().st_size for f in wanted))
+    assert d.bytes < d.trace_bytes / 10
     downloads = [r for r in fake.requests if "/resolve/" in r]
     assert len(downloads) == d.files and all(f"/resolve/{result.commit_sha}/" in r for r in downloads)
     assert "downloaded" in report.summary()
