@@ -91,7 +91,7 @@ def verify_trace(
             expected = derive_expected(c, work / "init", parts)
             remote = None
             try:
-                with_files = None
+                needed = None
                 if isinstance(trace, str) and trace.startswith("hf://"):
                     from ..hub_pull import open_remote
 
@@ -99,11 +99,11 @@ def verify_trace(
                     remote = open_remote(trace, work, endpoint=endpoint, progress=progress)
                     reader = TraceReader(remote=remote)
                     first = make_challenge(c, reader.check_integrity().trace_root, nonce_bytes, windows)
-                    with_files = files_needed(first, [i for i in first.chosen if only_windows is None or i in only_windows])
+                    needed = files_needed(first, [i for i in first.chosen if only_windows is None or i in only_windows])
                 else:
                     reader = TraceReader(trace)
                 say("structural check")
-                integrity = check_structure(reader, c, work, expected, steps_with_files=with_files)
+                integrity = check_structure(reader, c, work, expected, needed=needed)
                 if signer is not None:
                     say("checking the provider's signature")
                     if SIGNATURE in reader.files:

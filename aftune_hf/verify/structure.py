@@ -71,19 +71,28 @@ def make_challenge(contract: Contract, trace_root: bytes, nonce: bytes, k: int |
 # --- structure -------------------------------------------------------------------------------
 
 
-def files_needed(challenge: Challenge, windows: Sequence[int]) -> set[int]:
-    """The steps whose checkpoint and anchor files replaying ``windows`` opens: each window's two
-    anchors and its checkpoints, and step 0 (the initial-state check)."""
-    steps = {0}
+@dataclass(frozen=True)
+class Needed:
+    """The steps whose checkpoints and anchors a verification opens (a trace read from the Hub)."""
+
+    checkpoints: frozenset[int]
+    anchors: frozenset[int]
+
+
+def files_needed(challenge: Challenge, windows: Sequence[int]) -> Needed:
+    """What replaying ``windows`` opens: each window's checkpoints and its two anchors, and the
+    step-0 anchor (the initial-state check)."""
+    checkpoints, anchors = set(), {0}
     for i in windows:
         start, end = challenge.bounds[i]
-        steps.update(range(start, end + 1))
-    return steps
+        checkpoints.update(range(start + 1, end + 1))
+        anchors.update((start, end))
+    return Needed(frozenset(checkpoints), frozenset(anchors))
 
 
 def check_structure(
     reader: TraceReader, contract: Contract, workdir: Path, expected: Expected | None = None, *, measure: bool = False,
-    steps_with_files: set[int] | None = None,
+    needed: Needed | None = None,
 ) -> Integrity:
     """The cheap whole-trace check; raises a :class:`ProviderFault` on the first problem.
 
@@ -91,7 +100,7 @@ def check_structure(
     anchor's optimizer options, scheduler state and step counter are the contract's
     (``expected``, derived from the client's recipe when not given). ``measure`` (``aftune
     calibrate``): floats compared as in tolerance mode, the step-0 state left to the caller to measure.
-    ``steps_with_files`` (a trace read from the Hub): open only these steps' checkpoints and anchors
+    ``needed`` (a trace read from the Hub): open only these checkpoints and anchors
     (:func:`files_needed`); every record is still checked."""
     from ..errors import CommitmentError, ContractViolationError
 
@@ -128,11 +137,10 @@ def check_structure(
             raise ManifestMismatchError("challenged_window_unavailable", "anchor missing", step=s)
         if s and (s % audit.checkpoint_every == 0 or s == want) and not rec["checkpoint"]:
             raise ManifestMismatchError("checkpoint_missing", "checkpoint required by the contract", step=s)
-        if steps_with_files is not None and s not in steps_with_files:
-            continue
-        if s and rec["checkpoint"] and D.state_digest(reader.checkpoint(s, schema)).hex() != rec["state"]:
+        opened = needed is None or s in needed.checkpoints
+        if s and rec["checkpoint"] and opened and D.state_digest(reader.checkpoint(s, schema)).hex() != rec["state"]:
             raise CommitmentError("state_mismatch", "checkpoint is not the committed state", step=s)
-        if rec["anchor"] is not None:
+        if rec["anchor"] is not None and (needed is None or s in needed.anchors):
             anchor = reader.anchor(s, schema)
             if anchor.digest().hex() != rec["anchor"] or D.state_digest(anchor.params).hex() != rec["state"]:
                 raise CommitmentError("anchor_mismatch", "anchor is not the committed state", step=s)
