@@ -438,3 +438,26 @@ def test_layout_shards_steps_into_folders_of_a_thousand():
     assert step_of_path("checkpoints/step-00000005.safetensors") is None  # format 3
     assert file_count(20000, 10, 10) == 4 + 2000 + 2001 * 4
     assert file_count(12, 4, 1) == 4 + 12 + 4 * 4 and file_count(10, 4, 3) == 4 + 4 + 4 * 4
+
+
+def test_a_lazy_reader_refuses_an_oversized_listing_before_downloading(tmp_path):
+    """Read from the Hub, a file is fetched only when opened, and never when its listed size is
+    already over the bound for what it is (a 1 TiB "header" must not be streamed first)."""
+    from aftune_hf.errors import ResourceLimitError, UnsafeContentError
+    from aftune_hf.trace import HEADER, TraceReader
+
+    class Listing:
+        def __init__(self, sizes):
+            self.dest, self.sizes, self.fetched, self.asked = tmp_path, sizes, {}, []
+
+        def fetch(self, rel):
+            self.asked.append(rel)
+            raise AssertionError("must not be fetched")
+
+    remote = Listing({HEADER: 1 << 40, "chain.jsonl": 10})
+    reader = TraceReader(remote=remote)
+    with pytest.raises(ResourceLimitError, match="file_too_large"):
+        reader.header()
+    assert remote.asked == []
+    with pytest.raises(UnsafeContentError, match="pickle_not_allowed"):
+        TraceReader(remote=Listing({HEADER: 10, "anchors/x.pt": 10}))

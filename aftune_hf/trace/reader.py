@@ -72,9 +72,12 @@ class TraceReader:
                     raise UnsafeContentError("pickle_not_allowed", "never opened", path=rel)
         self._committed: Mapping[str, str] | None = None  # the root's file digests, once read (remote only)
 
-    def local(self, rel: str) -> Path:
-        """The local path of trace file ``rel`` (downloaded and checked against the root first, if remote)."""
+    def local(self, rel: str, max_bytes: int | None = None) -> Path:
+        """The local path of trace file ``rel`` (if remote: refused when listed above ``max_bytes``,
+        else downloaded and checked against the root first)."""
         if self.remote is not None and rel not in self.remote.fetched:
+            if max_bytes is not None and self.files.get(rel, 0) > max_bytes:
+                raise ResourceLimitError("file_too_large", f"{self.files[rel]} bytes listed, at most {max_bytes}", path=rel)
             self.remote.fetch(rel)
             want = None if self._committed is None else self._committed.get(rel)
             if want is not None and D.file_digest(self.root / rel).hex() != want:
@@ -86,7 +89,7 @@ class TraceReader:
     def _json(self, rel: str) -> Any:
         if rel not in self.files:
             raise ManifestMismatchError("missing_file", "required file absent", path=rel)
-        self.local(rel)
+        self.local(rel, self.limits.max_json_bytes)
         return read_json(self.root, rel, self.limits)
 
     def header(self) -> dict[str, Any]:
@@ -121,7 +124,7 @@ class TraceReader:
         h = self.header()
         if CHAIN not in self.files:
             raise ManifestMismatchError("missing_file", "no chain", path=CHAIN)
-        self.local(CHAIN)
+        self.local(CHAIN, self.limits.max_chain_bytes)
         data = read_regular_file(self.root, CHAIN, max_bytes=self.limits.max_chain_bytes)
         entries = parse_chain(data, D.chain_start(bytes.fromhex(h["contract_digest"]), h["run_id"]))
         if any(e.record["kind"] == "call" for e in entries):
@@ -132,7 +135,7 @@ class TraceReader:
         """A small file's bytes (bounded like JSON files)."""
         if rel not in self.files:
             raise ManifestMismatchError("missing_file", "required file absent", path=rel)
-        self.local(rel)
+        self.local(rel, self.limits.max_json_bytes)
         return read_regular_file(self.root, rel, max_bytes=self.limits.max_json_bytes)
 
     def root_record(self) -> dict[str, Any]:
@@ -199,7 +202,7 @@ class TraceReader:
         if self.files[rel] > limit:
             raise ResourceLimitError("file_too_large", f"{self.files[rel]} bytes, at most {limit} expected", path=rel,
                                      step=step_of_path(rel))  # fmt: skip
-        self.local(rel)
+        self.local(rel, limit)
         blob = read_regular_file(self.root, rel, max_bytes=limit)
         tensors = parse_safetensors(blob, path=rel, max_header=self.limits.max_safetensors_header)
         if schema is not None:

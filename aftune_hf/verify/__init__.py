@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import digest as D
+from ..attest import MAX_BYTES as SIGNATURE_MAX_BYTES
 from ..attest import check_signature, public_key
 from ..contract import Contract, load_contract
 from ..errors import AftuneError, ConfigError, ProviderFault, VerifierEnvironmentError
@@ -107,7 +108,7 @@ def verify_trace(
                 if signer is not None:
                     say("checking the provider's signature")
                     if SIGNATURE in reader.files:
-                        reader.local(SIGNATURE)
+                        reader.local(SIGNATURE, SIGNATURE_MAX_BYTES)
                     check_signature(reader.root, signer, root=integrity.trace_root, contract_digest=c.digest_hex(),
                                     count=integrity.num_steps)  # fmt: skip
                 if model is not None:
