@@ -92,12 +92,20 @@ class StepObserver(TrainerCallback):
         self.capture = StepCapture()
         self._lr: float = math.nan
         self._grad_norm: float | None = None
+        self._trainable: tuple[Any, dict[str, torch.Tensor]] | None = None
+
+    def trainable(self, model: Any) -> dict[str, torch.Tensor]:
+        """:func:`~aftune_hf.live.trainable_params` of ``model``, looked up once per model (walking a
+        PEFT model's parameters costs ~0.7 ms, twice a step); the tensors are live references."""
+        if self._trainable is None or self._trainable[0] is not model:
+            self._trainable = (model, trainable_params(model))
+        return self._trainable[1]
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.capture.begin()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in trainable_params(model).values() if p.grad is not None]
+        grads = [p.grad for p in self.trainable(model).values() if p.grad is not None]
         self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -112,7 +120,7 @@ class StepObserver(TrainerCallback):
         batches, num_items, loss = self.capture.end()
         if not batches:
             raise RecorderError("capture_failed", "no training forward pass was captured", step=step)
-        params = trainable_params(model)
+        params = self.trainable(model)
         fields = dict(step=step, batches=[batches], num_items=num_items, loss=loss, lr=self._lr,
                       grad_norm=self._grad_norm)  # fmt: skip
         if state_digest:
