@@ -66,12 +66,6 @@ def _api(endpoint: str | None, token: str | None) -> Any:
     return HfApi(endpoint=endpoint, token=token)
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    from .hub_pull import network_errors
-
-    return network_errors()
-
-
 def push_trace(
     trace: str | Path,
     repo_id: str,
@@ -130,7 +124,7 @@ def push_trace(
                 sha = api.upload_file(path_or_fileobj=str(signed), path_in_repo=SIGNATURE, repo_id=repo_id,
                                       repo_type=repo_type, commit_message=f"aftune signature of {sha}").oid  # fmt: skip
                 commits += 1
-    except (HfHubHTTPError, *_network_errors()) as e:
+    except (HfHubHTTPError, *network_errors()) as e:
         raise FetchError("push_failed", f"{type(e).__name__}: {str(e)[:300]} (run the push again: it uploads only "
                          "what the Hub does not have yet)", path=repo_id) from e  # fmt: skip
     return PushResult(repo_id, repo_type, sha, root, commits)
@@ -223,4 +217,4 @@ def _hub_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-from .hub_pull import RemoteFiles, local_copy, pull  # noqa: E402,F401 - re-exported
+from .hub_pull import RemoteFiles, local_copy, network_errors, pull  # noqa: E402,F401 - re-exported

@@ -25,6 +25,17 @@ def base_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def hub():
+    """tests/hub_server.py, a local HTTP server standing in for the Hub: (FakeHub, endpoint URL)."""
+    from tests.hub_server import FakeHub
+
+    fake = FakeHub()
+    endpoint = fake.start()
+    yield fake, endpoint
+    fake.stop()
+
+
 @pytest.fixture
 def write_contract(tmp_path, base_model_dir):
     """Write a contract YAML next to the test's tmp dir: ``write_contract("tiny-lora", training={...})``."""

@@ -22,17 +22,8 @@ from aftune_hf.recipes.causal_lm import build
 from aftune_hf.trace import checkpoint_path
 from aftune_hf.verify import verify_trace
 from tests.conftest import REPO, record_tiny
-from tests.hub_server import FakeHub
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def hub():
-    fake = FakeHub()
-    endpoint = fake.start()
-    yield fake, endpoint
-    fake.stop()
 
 
 @pytest.fixture(scope="module")

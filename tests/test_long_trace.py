@@ -22,7 +22,6 @@ from aftune_hf.recipes.causal_lm import build
 from aftune_hf.trace import HUB_MAX_FILES, anchor_path, checkpoint_path, file_count
 from aftune_hf.verify import verify_trace
 from tests.conftest import CONFIGS, DATASET
-from tests.hub_server import FakeHub
 
 pytestmark = pytest.mark.slow
 STEPS = 20_000
@@ -45,14 +44,6 @@ def long_trace(tmp_path_factory, base_model_dir):
     transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, work / "trace")]).train()
     print(f"recorded {STEPS} steps in {time.perf_counter() - t0:.0f} s")
     return work / "c.yaml", work / "trace"
-
-
-@pytest.fixture(scope="module")
-def hub():
-    fake = FakeHub()
-    endpoint = fake.start()
-    yield fake, endpoint
-    fake.stop()
 
 
 def test_twenty_thousand_steps_fit_the_hub_and_verify_from_a_few_files(long_trace, hub):

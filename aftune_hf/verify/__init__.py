@@ -92,19 +92,20 @@ def verify_trace(
             expected = derive_expected(c, work / "init", parts)
             remote = None
             try:
-                needed = None
+                needed = integrity = None
                 if isinstance(trace, str) and trace.startswith("hf://"):
                     from ..hub_pull import open_remote
 
                     say(f"reading {trace} (only the files the checks open are downloaded)")
                     remote = open_remote(trace, work, endpoint=endpoint, progress=progress)
                     reader = TraceReader(remote=remote)
-                    first = make_challenge(c, reader.check_integrity().trace_root, nonce_bytes, windows)
+                    integrity = reader.check_integrity()  # the root first: it decides which files are opened
+                    first = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
                     needed = files_needed(first, [i for i in first.chosen if only_windows is None or i in only_windows])
                 else:
                     reader = TraceReader(trace)
                 say("structural check")
-                integrity = check_structure(reader, c, work, expected, needed=needed)
+                integrity = check_structure(reader, c, work, expected, needed=needed, integrity=integrity)
                 if signer is not None:
                     say("checking the provider's signature")
                     if SIGNATURE in reader.files:

@@ -92,7 +92,7 @@ def files_needed(challenge: Challenge, windows: Sequence[int]) -> Needed:
 
 def check_structure(
     reader: TraceReader, contract: Contract, workdir: Path, expected: Expected | None = None, *, measure: bool = False,
-    needed: Needed | None = None,
+    needed: Needed | None = None, integrity: Integrity | None = None,
 ) -> Integrity:
     """The cheap whole-trace check; raises a :class:`ProviderFault` on the first problem.
 
@@ -101,10 +101,11 @@ def check_structure(
     (``expected``, derived from the client's recipe when not given). ``measure`` (``aftune
     calibrate``): floats compared as in tolerance mode, the step-0 state left to the caller to measure.
     ``needed`` (a trace read from the Hub): open only these checkpoints and anchors
-    (:func:`files_needed`); every record is still checked."""
+    (:func:`files_needed`); every record is still checked. ``integrity``: what
+    ``reader.check_integrity()`` already returned (not recomputed)."""
     from ..errors import CommitmentError, ContractViolationError
 
-    integrity = reader.check_integrity()
+    integrity = integrity or reader.check_integrity()
     header = reader.header()
     if header["contract_digest"] != contract.digest_hex():
         raise ContractViolationError("contract_mismatch", f"trace binds contract {header['contract_digest']}, "
