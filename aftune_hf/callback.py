@@ -35,8 +35,8 @@ from .contract import Contract, load_contract
 from .dist import anchor_with_ranks, merge_steps, pack_step, rank_rng_bytes, sync_ranks
 from .errors import ContractViolationError, RecorderError
 from .live import (
-    contract_differences, make_anchor, on_host, rng_states, running_trainer, set_rng_states, sharded_parameters,
-    trainable_params, unwrap,
+    contract_differences, encoded_optimizer, make_anchor, on_host, rng_states, running_trainer, set_rng_states,
+    sharded_parameters, trainable_params, unwrap,
 )  # fmt: skip
 from .observe import StepObserver
 from .trace import ROOT, Anchor, Progress, TraceWriter, progress, schema_of
@@ -104,6 +104,7 @@ class AuditCallback(StepObserver):
         self.rank, self.world, self._device = 0, 1, "cpu"
         self._rng_hold: dict[str, Any] | None = None
         self._bars = True
+        self._shards: Any = None  # an FSDP2 run: this rank's RankShards
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -128,13 +129,12 @@ class AuditCallback(StepObserver):
         self.rank, self.world, self._device = args.process_index, args.world_size, args.device
         self._bars = not args.disable_tqdm
         with self._failing_together():
-            if sharded := sharded_parameters(model):  # a shard's digest would not be the tensor's: fail closed
-                raise RecorderError("unsupported_sharding", f"{len(sharded)} trainable parameters are shards ({sharded[0]}, "
-                                    "...): FSDP and DeepSpeed ZeRO-3 runs are not recorded yet (docs/SCALING.md); "
-                                    "train with DDP")  # fmt: skip
+            if sharded_parameters(model) or self.contract.shards > 1:
+                self._shards = self._sharded_layout(model)
             diffs = contract_differences(
                 self.contract, args, model, train_dataloader,
-                check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft),
+                check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft)
+                and self._shards is None,  # no process holds the sharded base weights (the verifier checks step 0)
                 trainer=running_trainer(),
             )  # fmt: skip
             if diffs:
@@ -147,7 +147,41 @@ class AuditCallback(StepObserver):
             if self.rank == 0:
                 self._open_trace(state, model, optimizer, lr_scheduler, rngs)
         self._sync()
+        if self._shards is not None:
+            self._begin_sharded(state, model, optimizer, lr_scheduler, rngs)
         self.capture.install(unwrap(model))
+
+    def _sharded_layout(self, model: Any) -> Any:
+        """This rank's :class:`~aftune_hf.rank_shards.RankShards`, if the run is the contract's FSDP2
+        layout (every trainable parameter a dim-0 shard over the ranks); else fail closed."""
+        from .rank_shards import RankShards, layout_problems
+
+        if self.contract.shards == 1:
+            raise RecorderError("unsupported_sharding", "the trainable parameters are shards (FSDP or DeepSpeed ZeRO-3) "
+                                "but the contract does not declare FSDP (trainer_args.fsdp with training.world_size); "
+                                "record the job it describes")  # fmt: skip
+        if problems := layout_problems(trainable_params(model), self.world):
+            raise RecorderError("unsupported_sharding", f"the contract declares FSDP over {self.world} ranks, but "
+                                f"{len(problems)} trainable parameters are not recorded that way: " + "; ".join(problems[:3])
+                                + " (FSDP2 with fsdp_version: 2 is; FSDP1 and ZeRO-3 are not: docs/SCALING.md)")  # fmt: skip
+        return RankShards(self.trace_dir, self.rank, self.world)
+
+    def _begin_sharded(self, state, model, optimizer, lr_scheduler, rngs: list[bytes]) -> None:
+        """Step 0 of an FSDP run: every rank writes its anchor shards; the main process joins their
+        digests into the anchor and the start record."""
+        with self._failing_together():
+            mine = self._shards.step(0, trainable_params(model), checkpoint=False,
+                                     optimizer=encoded_optimizer(model, optimizer)[0])  # fmt: skip
+        parts = self._sync(mine)
+        with self._failing_together():
+            if self.rank == 0:
+                sections, _ = self._shards.split(parts)
+                params_state, optimizer_state = self._shards.join(sections, self._shards.full)
+                anchor = anchor_with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state, copy=False), rngs)
+                anchor = dataclasses.replace(anchor, params={}, optimizer={}, params_state=params_state,
+                                             optimizer_state=optimizer_state)  # fmt: skip
+                self.writer.append(R.start_record(state=params_state, anchor=self.writer.write_anchor(anchor)))
+        self._sync()
 
     def _open_trace(self, state, model, optimizer, lr_scheduler, rngs: list[bytes]) -> None:
         done = progress(self.trace_dir)
@@ -157,6 +191,9 @@ class AuditCallback(StepObserver):
         if done.sealed or done.last_step >= self.contract.training.max_steps:
             self._refuse_finished(done)
         params = trainable_params(model)
+        if done.last_step >= 0 and self._shards is not None:
+            raise RecorderError("unsupported_sharding", "resuming an FSDP trace is not built yet (docs/SCALING.md); "
+                                "record the job again into a new trace directory", path=str(self.trace_dir))  # fmt: skip
         if done.last_step >= 0:  # a restart from scratch (global_step 0) resumes it at step 0
             self.writer = self._resume_writer(state.global_step, params)
         elif state.global_step > 0:
@@ -167,10 +204,11 @@ class AuditCallback(StepObserver):
                 self.trace_dir, contract_digest=self.contract.digest(), contract=self.contract.canonical(),
                 schema=schema_of(params),
             )  # fmt: skip
-            anchor = anchor_with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
-            a0 = self.writer.write_anchor(anchor)
-            self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
-        if self._hash_on_device(params):
+            if self._shards is None:  # an FSDP run writes step 0 once every rank has (_begin_sharded)
+                anchor = anchor_with_ranks(make_anchor(0, model, optimizer, lr_scheduler, state), rngs)
+                a0 = self.writer.write_anchor(anchor)
+                self.writer.append(R.start_record(state=D.state_digest(params), anchor=a0))
+        if self._hash_on_device(params) and self._shards is None:
             from .device_blake3 import prepare
 
             prepare(next(iter(params.values())).device)  # compile and self-check now, not inside step 1
@@ -260,23 +298,31 @@ class AuditCallback(StepObserver):
         audit, step = self.contract.audit, state.global_step
         last = step == self.contract.training.max_steps
         anchored = step % audit.anchor_every == 0 or last
+        checkpoint = step % audit.checkpoint_every == 0 or last
         self._rng_hold = rng_states()
         with self._failing_together():
             self._check_bg()
             fields, params = self.observe(state, model, state_digest=False)
-            mine = pack_step(fields) + (rank_rng_bytes(self.world) if anchored else b"")
+            mine = pack_step(fields)
+            if self._shards is not None:  # FSDP: this rank's files are written now, its pieces go to the main process
+                opt = encoded_optimizer(model, optimizer)[0] if anchored else None
+                mine += self._shards.step(step, params, checkpoint=checkpoint, optimizer=opt)
+            mine += rank_rng_bytes(self.world) if anchored else b""
         parts = self._sync(mine)
         if self.rank != 0:
             return
         rngs: list[bytes] = []
         if self.world > 1:  # every rank's micro-batches, rank order; the loss summed over ranks
             fields, rngs = merge_steps(fields, parts)
+        sharded = None
+        if self._shards is not None:
+            sections, rngs = self._shards.split(rngs)
+            sharded = (sections, {k: dict(v) for k, v in self._shards.full.items()})
         anchor = None
         if anchored:
             anchor = anchor_with_ranks(make_anchor(step, model, optimizer, lr_scheduler, state, copy=False), rngs)
-        checkpoint = step % audit.checkpoint_every == 0 or last
         self._reads_done.clear()
-        self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor))
+        self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor, sharded))
         if control.should_save or last:
             self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain (see also on_init_end)
 
@@ -289,10 +335,17 @@ class AuditCallback(StepObserver):
                 self._check_bg()  # a failed job never sets the event
             self._check_bg()
 
-    def _commit(self, fields: dict[str, Any], params: dict, checkpoint: bool, anchor: Anchor | None) -> None:
+    def _commit(self, fields: dict[str, Any], params: dict, checkpoint: bool, anchor: Anchor | None,
+                sharded: tuple | None = None) -> None:  # fmt: skip
         staged: list = []
         try:  # phase 1 reads the live tensors: hash them, write them to temp files
-            if not checkpoint and anchor is None and self._hash_on_device(params):
+            if sharded is not None:  # FSDP: the ranks wrote their files; join their digests
+                self._reads_done.set()
+                state, optimizer_state = self._shards.join(*sharded)
+                if anchor is not None:
+                    anchor = dataclasses.replace(anchor, params={}, optimizer={}, params_state=state,
+                                                 optimizer_state=optimizer_state)  # fmt: skip
+            elif not checkpoint and anchor is None and self._hash_on_device(params):
                 from .device_blake3 import state_digest  # only 32 bytes per tensor leave the device
 
                 state = state_digest(params)
@@ -306,11 +359,12 @@ class AuditCallback(StepObserver):
                     self._reads_done.set()
                 state = D.state_digest(params)
             fields = {**fields, "state": state, "checkpoint": checkpoint}
-            if checkpoint:
+            if checkpoint and sharded is None:
                 staged += self.writer.stage_checkpoint(fields["step"], params)
             digest = None
-            if anchor is not None:  # its params are the tensors hashed just above: hashed once
+            if anchor is not None and sharded is None:  # its params are the tensors hashed just above: hashed once
                 anchor = dataclasses.replace(anchor, params=params, optimizer=optimizer, params_state=fields["state"])
+            if anchor is not None:
                 digest, files = self.writer.stage_anchor(anchor)
                 staged += files
         except BaseException:

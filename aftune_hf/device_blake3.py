@@ -191,18 +191,28 @@ def _hash(messages: Sequence[Any], key: tuple | bytes, flags: int, compress: Any
             buf[at : at + p.numel()] = p.reshape(-1)
             at += p.numel()
         at = end
+    counter, nblocks, last_len, last_flags = _chunk_meta(lengths, counts, flags)
+    cv = chunk_cvs(buf, counter, nblocks, last_len, last_flags, key, flags, compress)
+    return _digests(merge(cv, np.array(counts, dtype=np.int64), key, flags, compress))
+
+
+def chunk_cvs(buf: torch.Tensor, counter: np.ndarray, nblocks: np.ndarray, last_len: np.ndarray, last_flags: np.ndarray,
+              key: tuple | bytes, flags: int, compress: Any) -> torch.Tensor:  # fmt: skip
+    """Chaining values (8, N) of the N chunks in ``buf`` (N x 1 KiB, zero-padded): per chunk its
+    counter, block count, last block's length and flags (which carry CHUNK_END, and ROOT if it is one)."""
+    device = buf.device
     chunks = buf.view(-1, CHUNK // BLOCK, BLOCK)  # (chunks, 16 blocks, 64 bytes)
-    counter, nblocks, last_len, last_flags = (torch.from_numpy(v).to(device) for v in _chunk_meta(lengths, counts, flags))
+    counter, nblocks, last_len, last_flags = (torch.from_numpy(v).to(device) for v in (counter, nblocks, last_len, last_flags))
     n = chunks.shape[0]
     cv = _key_words(key, n, device)
     full = torch.full((n,), BLOCK, dtype=torch.int64, device=device)
-    for j in range(min(CHUNK // BLOCK, max(max(1, -(-x // BLOCK)) for x in lengths))):
+    for j in range(int(nblocks.max()) if n else 0):
         active = nblocks > j
         last = nblocks == j + 1
         block_flags = torch.where(last, last_flags, flags) | (CHUNK_START if j == 0 else 0)
         out = compress(cv, _words(chunks[:, j]), counter, torch.where(last, last_len, full), block_flags)
         cv = torch.where(active, out, cv)
-    return _merge(cv, np.array(counts, dtype=np.int64), key, flags, compress)
+    return cv
 
 
 def _segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +232,10 @@ def _chunk_meta(lengths: Sequence[int], counts: Sequence[int], flags: int) -> tu
     return counter, blocks, size - (blocks - 1) * BLOCK, last_flags.astype(np.int64)
 
 
-def _merge(cv: torch.Tensor, counts: np.ndarray, key: tuple | bytes, flags: int, compress: Any) -> list[bytes]:
-    """Parent levels of every message's tree at once; returns the roots. Per message and level:
-    nodes (0,1), (2,3), ... are joined, an odd last node is carried up unchanged."""
+def merge(cv: torch.Tensor, counts: np.ndarray, key: tuple | bytes, flags: int, compress: Any, *, root: bool = True) -> torch.Tensor:
+    """Parent levels of every segment's tree at once (segments of ``counts`` chaining values); returns
+    each segment's top (8, segments). Per segment and level: nodes (0,1), (2,3), ... are joined, an odd
+    last node is carried up unchanged. ``root=False``: the tops are inner nodes (no ROOT flag)."""
     dev = cv.device
     while (counts > 1).any():
         starts = np.cumsum(counts) - counts
@@ -235,7 +246,7 @@ def _merge(cv: torch.Tensor, counts: np.ndarray, key: tuple | bytes, flags: int,
         left = starts[seg] + 2 * i
         k = len(left)
         m = torch.cat([cv[:, torch.from_numpy(left).to(dev)], cv[:, torch.from_numpy(left + 1).to(dev)]])
-        node_flags = flags | PARENT | np.where(counts[seg] == 2, ROOT, 0)
+        node_flags = flags | PARENT | np.where((counts[seg] == 2) & root, ROOT, 0)
         parents = compress(_key_words(key, k, dev), m, torch.zeros(k, dtype=torch.int64, device=dev),
                            torch.full((k,), BLOCK, dtype=torch.int64, device=dev),
                            torch.from_numpy(node_flags.astype(np.int64)).to(dev))  # fmt: skip
@@ -246,8 +257,12 @@ def _merge(cv: torch.Tensor, counts: np.ndarray, key: tuple | bytes, flags: int,
             src = torch.from_numpy(starts[carried] + counts[carried] - 1).to(dev)
             nxt[:, torch.from_numpy(new_starts[carried] + pairs[carried]).to(dev)] = cv[:, src]
         cv, counts = nxt, new_counts
-    words = cv.T.to("cpu").numpy().astype("<u4")
-    return [row.tobytes() for row in words]
+    return cv
+
+
+def _digests(cv: torch.Tensor) -> list[bytes]:
+    """(8, N) words on any device -> N 32-byte values."""
+    return [row.tobytes() for row in cv.T.to("cpu").numpy().astype("<u4")]
 
 
 @functools.cache

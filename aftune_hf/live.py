@@ -86,6 +86,12 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def encoded_optimizer(model: Any, optimizer: Any) -> tuple[dict[str, Any], Any]:
+    """The optimizer's state as named tensors (live references) and JSON meta (:func:`encode_optimizer`)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    return encode_optimizer(inner.state_dict(), optimizer_param_names(inner, unwrap(model)))
+
+
 def make_anchor(
     step: int, model: Any, optimizer: Any, lr_scheduler: Any, trainer_state: Any, *, copy: bool = True
 ) -> Anchor:
@@ -94,8 +100,7 @@ def make_anchor(
     With ``copy=False`` the params and optimizer tensors are the *live* tensors (no copy): the
     caller must finish reading them before the next ``optimizer.step()``.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    opt_tensors, opt_meta = encode_optimizer(inner.state_dict(), optimizer_param_names(inner, unwrap(model)))
+    opt_tensors, opt_meta = encoded_optimizer(model, optimizer)
     rng_tensors, rng_meta = encode_rng(rng_states())
     state_json = None
     if trainer_state is not None:  # only what a resumed Trainer computes with (the rest is logging)

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import typing
 from typing import Any
 
@@ -84,7 +86,8 @@ def contract_fields(contract: Contract, cls: type) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     p = contract.training.padding
     padding = {k: v for k, v in {"max_length": p.max_length, "pad_to_multiple_of": p.pad_to_multiple_of}.items() if k in names}
-    return {**contract.training_arguments_kwargs(), **padding, **contract.trainer_args}
+    # a copy: TrainingArguments normalises some in place (fsdp_config), which must not change the contract
+    return {**contract.training_arguments_kwargs(), **padding, **copy.deepcopy(dict(contract.trainer_args))}
 
 
 def check_recipe_args(contract: Contract, allowed: set[str]) -> None:
@@ -136,12 +139,30 @@ def argument_differences(contract: Contract, args: Any) -> list[str]:
         want = fixed.get(name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
         if name == "accelerator_config" and (want is None or isinstance(want, dict)):
             want = AcceleratorConfig(**(want or {}))  # what __post_init__ makes of it
+        if name in ("fsdp", "fsdp_config") and fixed.get("fsdp"):
+            want = _fsdp_as_built(fixed)[name]
         want, have = _plain(want), _plain(getattr(args, name, None))
         if want != have:
             where = "contract" if name in fixed else "default"
             out.append(f"training argument {name}: {where}={want!r}, live={have!r} (it changes the "
                        f"computation: set it in the contract's trainer_args)")  # fmt: skip
     return out
+
+
+def _fsdp_as_built(fixed: dict[str, Any]) -> dict[str, Any]:
+    """``fsdp`` and ``fsdp_config`` as ``TrainingArguments`` normalises the contract's (transformers'
+    own normalisation, run on a stand-in: building the arguments would reset accelerate's state)."""
+    import types
+
+    from transformers import TrainingArguments
+
+    ns = types.SimpleNamespace(fsdp=fixed["fsdp"], fsdp_config=copy.deepcopy(fixed.get("fsdp_config")),
+                               activation_checkpointing=fixed.get("activation_checkpointing", False))  # fmt: skip
+    try:
+        TrainingArguments._process_fsdp_args(ns)
+    except Exception:  # noqa: BLE001 - another transformers: compare the contract's values as written
+        return {"fsdp": fixed["fsdp"], "fsdp_config": fixed.get("fsdp_config")}
+    return {"fsdp": ns.fsdp, "fsdp_config": ns.fsdp_config}
 
 
 def _plain(value: Any) -> Any:

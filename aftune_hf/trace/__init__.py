@@ -23,13 +23,14 @@ Example:
 
 from .layout import (
     ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, HUB_MAX_FILES, IGNORED, LOCK, ROOT, SIGNATURE, Anchor, Limits,
-    Schema, anchor_path, check_schema, checkpoint_path, environment, file_count, schema_of, step_of_path,
+    Schema, anchor_files, anchor_path, check_schema, checkpoint_files, checkpoint_path, environment, file_count, schema_of,
+    shard_count, step_of_path,
 )  # fmt: skip
 from .reader import Integrity, TraceReader
 from .writer import Progress, TraceWriter, progress
 
 __all__ = [
     "ANCHOR_PARTS", "CARD", "CHAIN", "FORMAT", "FORMAT_VERSION", "HEADER", "HUB_MAX_FILES", "IGNORED", "LOCK", "ROOT", "SIGNATURE", "Anchor",
-    "Integrity", "Limits", "Progress", "Schema", "TraceReader", "TraceWriter", "anchor_path", "check_schema", "checkpoint_path",
-    "environment", "file_count", "progress", "schema_of", "step_of_path",
+    "Integrity", "Limits", "Progress", "Schema", "TraceReader", "TraceWriter", "anchor_files", "anchor_path", "check_schema",
+    "checkpoint_files", "checkpoint_path", "environment", "file_count", "progress", "schema_of", "shard_count", "step_of_path",
 ]  # fmt: skip

@@ -23,9 +23,10 @@ from ..safeio import loads_json_strict, read_regular_file, validate_relpath
 from ..statecodec import decode_optimizer, decode_rng, from_json_value
 
 FORMAT = "aftune-trace"
-FORMAT_VERSION = 4  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
+FORMAT_VERSION = 5  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
 # 3: ... without num_input_tokens_seen (a logging counter), the header's environment complete (issue 15);
-# 4: checkpoints and anchors in folders of SHARD_STEPS steps (the Hub's < 10k entries per folder, issue 17)
+# 4: checkpoints and anchors in folders of SHARD_STEPS steps (the Hub's < 10k entries per folder, issue 17);
+# 5: an FSDP run's checkpoints and anchor params/optimizer are one file per rank (issue 17)
 HEADER, CHAIN, ROOT, CARD, LOCK = "aftune_trace.json", "chain.jsonl", "root.json", "README.md", ".aftune.lock"
 IGNORED = frozenset({".gitattributes"})  # added by the Hub itself; never read
 SIGNATURE = "signature.dsse.json"  # the provider's signed root (aftune_hf.attest); outside the root it signs
@@ -42,31 +43,73 @@ def _shard(step: int) -> str:
     return f"{step // SHARD_STEPS:05d}"
 
 
-def checkpoint_path(step: int) -> str:
-    """``checkpoints/00001/step-00001234.safetensors``: one folder per :data:`SHARD_STEPS` steps."""
-    return f"checkpoints/{_shard(step)}/step-{step:08d}.safetensors"
+def shard_name(rank: int, shards: int) -> str:
+    """``rank-00001-of-00002``: which rank's part of a file split across the ranks of an FSDP run."""
+    return f"rank-{rank:05d}-of-{shards:05d}"
 
 
-def anchor_path(step: int, part: str) -> str:
-    """``anchors/00001/step-00001230/{params,optimizer,rng}.safetensors`` or ``.../anchor.json`` (``part="meta"``)."""
+def checkpoint_path(step: int, rank: int | None = None, shards: int = 1) -> str:
+    """``checkpoints/00001/step-00001234.safetensors``: one folder per :data:`SHARD_STEPS` steps; rank
+    ``r``'s part of a checkpoint of ``shards`` ranks: ``.../step-00001234.rank-0000r-of-0000W.safetensors``."""
+    part = "" if rank is None else f".{shard_name(rank, shards)}"
+    return f"checkpoints/{_shard(step)}/step-{step:08d}{part}.safetensors"
+
+
+def anchor_path(step: int, part: str, rank: int | None = None, shards: int = 1) -> str:
+    """``anchors/00001/step-00001230/{params,optimizer,rng}.safetensors`` or ``.../anchor.json`` (``part="meta"``);
+    rank ``r``'s part of a sharded one: ``.../params.rank-0000r-of-0000W.safetensors``."""
     folder = f"anchors/{_shard(step)}/step-{step:08d}"
-    return f"{folder}/{part}.safetensors" if part != "meta" else f"{folder}/anchor.json"
+    if part == "meta":
+        return f"{folder}/anchor.json"
+    return f"{folder}/{part}{'' if rank is None else '.' + shard_name(rank, shards)}.safetensors"
+
+
+SHARDED_PARTS = ("params", "optimizer")  # the anchor parts each rank of an FSDP run writes its shard of
+
+
+def checkpoint_files(step: int, shards: int = 1) -> list[str]:
+    """The files of the checkpoint of ``step``: one, or one per rank of a sharded run."""
+    return [checkpoint_path(step)] if shards == 1 else [checkpoint_path(step, r, shards) for r in range(shards)]
+
+
+def anchor_files(step: int, part: str, shards: int = 1) -> list[str]:
+    """The files of one part of the anchor at ``step`` (params and optimizer: one per rank when sharded)."""
+    if shards == 1 or part not in SHARDED_PARTS:
+        return [anchor_path(step, part)]
+    return [anchor_path(step, part, r, shards) for r in range(shards)]
 
 
 def step_of_path(rel: str) -> int | None:
     """The step a checkpoint or anchor file belongs to (None for other files, or one in another step's folder)."""
-    m = re.fullmatch(r"(?:checkpoints/(\d{5})/step-(\d{8})\.safetensors|anchors/(\d{5})/step-(\d{8})/[a-z]+\.(?:safetensors|json))", rel)
+    rank = r"(?:\.rank-\d{5}-of-\d{5})?"
+    m = re.fullmatch(rf"(?:checkpoints/(\d{{5}})/step-(\d{{8}}){rank}\.safetensors|anchors/(\d{{5}})/step-(\d{{8}})/[a-z]+{rank}\.(?:safetensors|json))", rel)
     if not m:
         return None
     shard, step = (m.group(1), m.group(2)) if m.group(2) else (m.group(3), m.group(4))
     return int(step) if shard == _shard(int(step)) else None
 
 
-def file_count(max_steps: int, anchor_every: int, checkpoint_every: int) -> int:
+MAX_SHARDS = 4096  # ranks a sharded trace may be split across (a bound on the files a header can demand)
+
+
+def shard_count(contract: Mapping[str, Any]) -> int:
+    """How many rank files a checkpoint (and an anchor's params and optimizer) is split into: the
+    world size of an FSDP run (``trainer_args.fsdp`` set), else 1. ``contract`` is its canonical form."""
+    training, args = contract.get("training"), contract.get("trainer_args")
+    if not isinstance(training, Mapping) or not isinstance(args, Mapping) or not args.get("fsdp"):
+        return 1
+    world = training.get("world_size", 1)
+    if type(world) is not int or not 1 <= world <= MAX_SHARDS:
+        raise TraceFormatError("header_invalid", f"world_size {world!r}", path=HEADER)
+    return world
+
+
+def file_count(max_steps: int, anchor_every: int, checkpoint_every: int, shards: int = 1) -> int:
     """How many files a finished trace of these settings holds (header, chain, card, root included)."""
     anchors = 1 + max_steps // anchor_every + (max_steps % anchor_every != 0)
     checkpoints = max_steps // checkpoint_every + (max_steps % checkpoint_every != 0)
-    return 4 + checkpoints + anchors * (len(ANCHOR_PARTS) + 1)
+    per_anchor = sum(len(anchor_files(0, p, shards)) for p in ANCHOR_PARTS) + 1
+    return 4 + checkpoints * shards + anchors * per_anchor
 
 
 def schema_of(tensors: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -132,11 +175,12 @@ class Anchor:
     rng: Mapping[str, Any]
     meta: Mapping[str, Any]
     params_state: bytes | None = field(default=None, compare=False, repr=False)  # S(params), if already known
+    optimizer_state: bytes | None = field(default=None, compare=False, repr=False)  # S(optimizer), likewise
 
     def part_digests(self) -> dict[str, bytes]:
         return {
             "params": self.params_state or D.state_digest(self.params),
-            "optimizer": D.state_digest(self.optimizer),
+            "optimizer": self.optimizer_state or D.state_digest(self.optimizer),
             "rng": D.state_digest(self.rng),
             "meta": D.json_digest(dict(self.meta)),
         }
@@ -181,14 +225,14 @@ ANCHOR_META_KEYS = {"step", "optimizer", "scheduler", "rng", "trainer_state"}
 # --- shared by the writer and the reader ---------------------------------------------------
 
 
-def expected_files(entries: list[R.ChainEntry]) -> set[str]:
+def expected_files(entries: list[R.ChainEntry], shards: int = 1) -> set[str]:
     files = {HEADER, CHAIN, CARD}
     for e in entries:
         rec = e.record
         if rec["kind"] == "step" and rec["checkpoint"]:
-            files.add(checkpoint_path(rec["step"]))
+            files.update(checkpoint_files(rec["step"], shards))
         if rec["kind"] in ("start", "step") and rec["anchor"] is not None:
-            files.update(anchor_path(rec["step"], p) for p in (*ANCHOR_PARTS, "meta"))
+            files.update(f for p in (*ANCHOR_PARTS, "meta") for f in anchor_files(rec["step"], p, shards))
     return files
 
 

@@ -21,7 +21,8 @@ RNG_BYTES = 64 << 20  # every RNG state of every rank
 from ..safeio import parse_safetensors, read_regular_file
 from .layout import (
     ANCHOR_META_KEYS, ANCHOR_PARTS, CHAIN, FORMAT, FORMAT_VERSION, HEADER, PICKLE_SUFFIXES, ROOT, SIGNATURE, Anchor,
-    Limits, Schema, expected_files, parse_chain, read_json, scan_files, anchor_path, check_schema, checkpoint_path, step_of_path,
+    Limits, Schema, expected_files, parse_chain, read_json, scan_files, anchor_files, anchor_path, check_schema, checkpoint_files,
+    shard_count, step_of_path,
 )  # fmt: skip
 
 
@@ -168,7 +169,7 @@ class TraceReader:
         for k, v in expect.items():
             if not _same(root[k], v):
                 raise CommitmentError("root_mismatch", f"{k}: root says {root[k]!r}, trace gives {v!r}", path=ROOT)
-        wanted = expected_files(entries)
+        wanted = expected_files(entries, self.shards())
         present = set(self.files) - {ROOT, SIGNATURE}
         if missing := sorted(wanted - present):
             raise ManifestMismatchError("missing_file", ", ".join(missing[:5]), path=missing[0], step=step_of_path(missing[0]))
@@ -216,9 +217,22 @@ class TraceReader:
         data = sum(math.prod(shape) * D.dtype_size(dtype) for dtype, shape in schema.values())
         return copies * data + 64 * copies * len(schema) + self.limits.max_safetensors_header + 8
 
+    def shards(self) -> int:
+        """How many rank files each checkpoint (and anchor params/optimizer) is split into (FSDP: the world size)."""
+        return shard_count(self.header()["contract"])
+
+    def _merged(self, files: list[str], schema: Schema | None, bound: int | None) -> dict[str, Any]:
+        """One file's tensors, or the tensors of every rank's file joined (:func:`merge_shards`)."""
+        if len(files) == 1:
+            return self._tensors(files[0], schema, bound)
+        merged = merge_shards([self._tensors(f, None, bound) for f in files], path=files[0])
+        if schema is not None:
+            check_schema(merged, schema, path=files[0])
+        return merged
+
     def checkpoint(self, step: int, schema: Schema | None = None) -> dict[str, Any]:
         """Trainable tensors after ``step``, checked against ``schema`` when given."""
-        return self._tensors(checkpoint_path(step), schema, self._bound(schema, 1))
+        return self._merged(checkpoint_files(step, self.shards()), schema, self._bound(schema, 1))
 
     def anchor(self, step: int, schema: Schema | None = None) -> Anchor:
         """The anchor at ``step``; its params are checked against ``schema`` when given."""
@@ -230,5 +244,40 @@ class TraceReader:
         except (TypeError, ValueError) as e:
             raise TraceFormatError("anchor_invalid", f"anchor.json is not canonical: {e}", path=anchor_path(step, "meta")) from None
         bounds = {"params": self._bound(schema, 1), "optimizer": self._bound(schema, OPTIMIZER_STATES), "rng": RNG_BYTES}
-        parts = {p: self._tensors(anchor_path(step, p), schema if p == "params" else None, bounds[p]) for p in ANCHOR_PARTS}
+        parts = {p: self._merged(anchor_files(step, p, self.shards()), schema if p == "params" else None, bounds[p])
+                 for p in ANCHOR_PARTS}  # fmt: skip
         return Anchor(step, parts["params"], parts["optimizer"], parts["rng"], meta)
+
+
+def merge_shards(parts: list[Mapping[str, Any]], *, path: str) -> dict[str, Any]:
+    """The tensors of an FSDP run's rank files joined: rank ``r`` holds rows ``shard_rows(n, W, r)``
+    of every tensor with a dimension (FSDP2's dim-0 split), and a copy of each 0-dim tensor (the
+    optimizer's step counters), equal on every rank.
+
+    Raises:
+        ManifestMismatchError: ``shard_layout`` if the ranks' tensors are not such a split.
+    """
+    import torch
+
+    from ..sharded_digest import shard_rows
+
+    names = set(parts[0])
+    if any(set(p) != names for p in parts):
+        raise ManifestMismatchError("shard_layout", "the ranks' files hold different tensors", path=path)
+    out = {}
+    for name in sorted(names):
+        ts = [p[name] for p in parts]
+        first = ts[0]
+        if any(t.dtype != first.dtype or t.dim() != first.dim() or t.shape[1:] != first.shape[1:] for t in ts):
+            raise ManifestMismatchError("shard_layout", f"{name}: the ranks' shards differ in dtype or shape", path=path)
+        if first.dim() == 0:
+            if any(D.tensor_digest(t) != D.tensor_digest(first) for t in ts):
+                raise ManifestMismatchError("shard_layout", f"{name}: a replicated value differs between ranks", path=path)
+            out[name] = first
+            continue
+        rows = sum(int(t.shape[0]) for t in ts)
+        if any(int(t.shape[0]) != b - a for t, (a, b) in zip(ts, (shard_rows(rows, len(ts), r) for r in range(len(ts))))):
+            raise ManifestMismatchError("shard_layout", f"{name}: rows {[int(t.shape[0]) for t in ts]} per rank are not "
+                                        f"the dim-0 split of {rows} rows over {len(ts)} ranks", path=path)  # fmt: skip
+        out[name] = torch.cat(ts)
+    return out

@@ -17,7 +17,7 @@ from ..errors import RecorderError, TraceFormatError, TraceLockedError
 from ..safeio import append_durable, atomic_write_bytes, commit_staged, fsync_dir, stage_bytes, stage_safetensors
 from .layout import (
     ANCHOR_META_KEYS, ANCHOR_PARTS, CARD, CHAIN, FORMAT, FORMAT_VERSION, HEADER, LOCK, ROOT, SIGNATURE, Anchor, Limits, Schema,
-    expected_files, parse_chain_line, read_json, anchor_path, checkpoint_path, environment,
+    SHARDED_PARTS, expected_files, parse_chain_line, read_json, anchor_path, checkpoint_path, environment, shard_count,
 )  # fmt: skip
 
 
@@ -30,6 +30,7 @@ class TraceWriter:
         self.entries = entries
         self._head = entries[-1].chain if entries else self.chain_start()
         self._lock = lock
+        self.shards = shard_count(self.header["contract"])  # > 1: the ranks write their checkpoint/anchor shards
 
     @classmethod
     def create(
@@ -130,23 +131,21 @@ class TraceWriter:
         return [stage_safetensors(final, tensors, {"format": "pt"})]
 
     def stage_anchor(self, anchor: Anchor) -> tuple[bytes, list[tuple[Path, Path]]]:
-        """Hash an anchor and write its files to temp files; returns its digest and the staged files."""
+        """Hash an anchor and write its files to temp files; returns its digest and the staged files.
+        In a sharded trace the params and optimizer parts are the ranks' files (their digests given)."""
         if set(anchor.meta) != ANCHOR_META_KEYS or anchor.meta["step"] != anchor.step:
             raise RecorderError("anchor_invalid", f"meta keys {sorted(anchor.meta)}", step=anchor.step)
+        if self.shards > 1 and (anchor.params_state is None or anchor.optimizer_state is None):
+            raise RecorderError("anchor_invalid", "a sharded anchor needs the joined params and optimizer digests", step=anchor.step)
         meta = self._folder_for(anchor_path(anchor.step, "meta"))
         digest = anchor.digest()
+        parts = [p for p in ANCHOR_PARTS if self.shards == 1 or p not in SHARDED_PARTS]
         staged = [stage_safetensors(self.root / anchor_path(anchor.step, p), getattr(anchor, p), {"format": "pt"})
-                  for p in ANCHOR_PARTS]  # fmt: skip
+                  for p in parts]  # fmt: skip
         return digest, [*staged, stage_bytes(meta, D.canonical_json(dict(anchor.meta)))]
 
     def _folder_for(self, rel: str) -> Path:
-        """``root / rel`` with its folders created, each new one made durable in its parent."""
-        path = self.root / rel
-        missing = [d for d in path.relative_to(self.root).parents if str(d) != "." and not (self.root / d).is_dir()]
-        for d in reversed(missing):  # outermost first
-            (self.root / d).mkdir()
-            fsync_dir((self.root / d).parent)
-        return path
+        return folder_for(self.root, rel)
 
     def commit_files(self, staged: list[tuple[Path, Path]]) -> None:
         """Make staged files durable and visible (before the record that refers to them)."""
@@ -189,7 +188,7 @@ class TraceWriter:
 
         R.check_sequence(self.entries)
         atomic_write_bytes(self.root / CARD, card.encode("utf-8"))
-        names = sorted(expected_files(self.entries))
+        names = sorted(expected_files(self.entries, self.shards))
         files = {rel: D.file_digest(self.root / rel).hex()
                  for rel in tqdm(names, desc="aftune: sealing trace", unit="file", disable=not progress)}  # fmt: skip
         fields = {
@@ -216,7 +215,7 @@ class TraceWriter:
             self._lock = None
 
     def _remove_orphans(self) -> None:
-        keep = expected_files(self.entries) - {CARD}
+        keep = expected_files(self.entries, self.shards) - {CARD}
         for sub in ("checkpoints", "anchors"):
             for p in sorted((self.root / sub).rglob("*"), reverse=True) if (self.root / sub).exists() else []:
                 rel = p.relative_to(self.root).as_posix()
@@ -226,6 +225,24 @@ class TraceWriter:
                     p.rmdir()
         for name in (ROOT, CARD, SIGNATURE):  # an unsealed trace has none of these
             (self.root / name).unlink(missing_ok=True)
+
+
+def folder_for(root: Path, rel: str) -> Path:
+    """``root / rel`` with its folders created, each new one made durable in its parent (another
+    rank may be creating the same one)."""
+    path = root / rel
+    missing = [d for d in path.relative_to(root).parents if str(d) != "." and not (root / d).is_dir()]
+    for d in reversed(missing):  # outermost first
+        (root / d).mkdir(exist_ok=True)
+        fsync_dir((root / d).parent)
+    return path
+
+
+def write_rank_file(root: str | os.PathLike[str], rel: str, tensors: Mapping[str, Any]) -> None:
+    """Write one rank's shard file of a sharded trace (atomically, durable before it returns): a
+    rank other than the main process writes its checkpoint and anchor shards with this, before the
+    step's sync, so they are on disk before the main process commits the step's record."""
+    commit_staged(*stage_safetensors(folder_for(Path(root), rel), tensors, {"format": "pt"}))
 
 
 @dataclass(frozen=True)

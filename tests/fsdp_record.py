@@ -1,0 +1,63 @@
+"""Run by tests/test_fsdp.py under `accelerate launch` (two CPU processes on gloo): record an FSDP2 run.
+
+    accelerate launch --multi_gpu --num_processes 2 ... tests/fsdp_record.py CONTRACT TRACE [--nudge-rank R]
+
+accelerate runs FSDP on CPU processes only with tests/fsdp_cpu.py (it treats FSDP as GPU-only).
+``--nudge-rank R``: after the optimizer step of step 2, rank R adds 1e-2 to its shard of one
+weight (a provider who edits the weights); the recorder commits what the weights are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aftune_hf import AuditCallback  # noqa: E402
+from aftune_hf.contract import load_contract  # noqa: E402
+from aftune_hf.dist import end_processes  # noqa: E402
+from aftune_hf.errors import AftuneError  # noqa: E402
+from aftune_hf.recipes.causal_lm import build  # noqa: E402
+from tests import fsdp_cpu  # noqa: E402
+
+
+class Nudge(transformers.TrainerCallback):
+    rank = -1
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if args.process_index == self.rank and state.global_step == 2:
+            p = dict(model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+            with torch.no_grad():
+                p.to_local().add_(1e-2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("contract")
+    ap.add_argument("trace")
+    ap.add_argument("--nudge-rank", type=int, default=-1)
+    a = ap.parse_args()
+    fsdp_cpu.enable()
+    contract = load_contract(a.contract)
+    parts = build(contract, str(Path(a.trace).parent / "out"), disable_tqdm=True, logging_steps=1000, use_cpu=True)
+    Nudge.rank = a.nudge_rank
+    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[Nudge(), AuditCallback(contract, a.trace)])
+    assert trainer.args.world_size == 2 and trainer.is_fsdp_enabled, "not a real FSDP run"
+    try:
+        trainer.train()
+    except AftuneError as e:
+        print(f"rank {trainer.args.process_index} stopped: {e.code} | {e}", flush=True)
+        return 3
+    print(f"rank {trainer.args.process_index} done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    end_processes()
+    raise SystemExit(code)
