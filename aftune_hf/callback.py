@@ -157,9 +157,9 @@ class AuditCallback(StepObserver):
         from .rank_shards import RankShards, layout_problems
 
         if self.contract.shards == 1:
-            raise RecorderError("unsupported_sharding", "the trainable parameters are shards (FSDP or DeepSpeed ZeRO-3) "
-                                "but the contract does not declare FSDP (trainer_args.fsdp with training.world_size); "
-                                "record the job it describes")  # fmt: skip
+            why = ("FSDP over one process is not recorded; train without it" if self.contract.trainer_args.get("fsdp") else
+                   "the contract does not declare FSDP (trainer_args.fsdp with training.world_size); record the job it describes")
+            raise RecorderError("unsupported_sharding", f"the trainable parameters are shards (FSDP or DeepSpeed ZeRO-3): {why}")
         if problems := layout_problems(trainable_params(model), self.world):
             raise RecorderError("unsupported_sharding", f"the contract declares FSDP over {self.world} ranks, but "
                                 f"{len(problems)} trainable parameters are not recorded that way: " + "; ".join(problems[:3])

@@ -79,6 +79,12 @@ def from_json_value(value: Any, *, path: str = "", _depth: int = 0) -> Any:
 # --- optimizer -----------------------------------------------------------------------------------
 
 
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def encode_optimizer(
     state_dict: Mapping[str, Any], param_names: Sequence[str]
 ) -> tuple[dict[str, Any], Any]:
@@ -95,8 +101,8 @@ def encode_optimizer(
     for idx, per_param in state_dict["state"].items():
         name = param_names[idx]
         for key, v in per_param.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state/{name}/{key}"] = v.detach().cpu().contiguous()
+            if isinstance(v, torch.Tensor):  # an FSDP2 shard (DTensor) stays where it is: each rank writes its own
+                tensors[f"state/{name}/{key}"] = v.detach() if _is_dtensor(v) else v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(name, {})[key] = v
     groups = []

@@ -254,9 +254,9 @@ def test_device_hashed_steps_commit_the_same_digests(write_contract, tmp_path, m
 
 
 def test_fsdp_sharded_parameters_are_refused_before_anything_is_written(write_contract, tmp_path):
-    """FSDP2 works on CPU/gloo, but accelerate 1.15 turns the Trainer's ``fsdp`` into DDP there, so the
-    Trainer cannot run FSDP on CPU; a model sharded with ``fully_shard`` by hand stands in. Its
-    parameters are DTensor shards, whose digests would not be the tensors': the recorder fails closed."""
+    """A model sharded with ``fully_shard`` by hand under a contract that does not declare FSDP: its
+    parameters are DTensor shards of a job the contract does not describe, so the recorder fails
+    closed (FSDP2 under a contract that declares it: tests/test_fsdp.py)."""
     contract = write_contract("tiny-full", training={"max_steps": 2})
     trace = tmp_path / "trace"
     p = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_record.py"), str(contract), str(trace)],

@@ -181,3 +181,22 @@ def test_fsdp_recording_verifies_and_a_cheat_on_one_rank_shard_fails(fsdp_contra
     (honest / ROOT).write_bytes(D.canonical_json(root))
     report = verify_trace(honest, fsdp_contract, nonce="f1f1f1f1f1f1f1f1")
     assert report.verdict == "FAIL" and any(f.code == "state_mismatch" and f.step == 4 for f in report.failures), report.summary()
+
+
+def test_a_run_the_contract_says_is_fsdp_but_is_not_sharded_is_refused(fsdp_contract, tmp_path):
+    """accelerate quietly trains DDP where it cannot do FSDP (CPU processes without tests/fsdp_cpu.py):
+    whole tensors where the contract promises shards are refused before anything is written."""
+    import transformers
+
+    from aftune_hf import AuditCallback
+    from aftune_hf.errors import RecorderError
+    from aftune_hf.recipes.causal_lm import build
+
+    contract = load_contract(fsdp_contract)
+    parts = build(contract.single_process(), str(tmp_path / "out"), disable_tqdm=True)
+    trace = tmp_path / "trace"
+    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[AuditCallback(contract, trace)])
+    with pytest.raises(RecorderError, match="not a DTensor shard") as e:
+        trainer.train()
+    assert e.value.code == "unsupported_sharding"
+    assert not trace.exists() or not any(trace.iterdir())

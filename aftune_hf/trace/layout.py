@@ -95,6 +95,8 @@ MAX_SHARDS = 4096  # ranks a sharded trace may be split across (a bound on the f
 def shard_count(contract: Mapping[str, Any]) -> int:
     """How many rank files a checkpoint (and an anchor's params and optimizer) is split into: the
     world size of an FSDP run (``trainer_args.fsdp`` set), else 1. ``contract`` is its canonical form."""
+    if not isinstance(contract, Mapping):
+        raise TraceFormatError("header_invalid", "contract", path=HEADER)
     training, args = contract.get("training"), contract.get("trainer_args")
     if not isinstance(training, Mapping) or not isinstance(args, Mapping) or not args.get("fsdp"):
         return 1
