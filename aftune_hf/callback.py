@@ -130,7 +130,9 @@ class AuditCallback(StepObserver):
         self._bars = not args.disable_tqdm
         with self._failing_together():
             if sharded_parameters(model) or self.contract.shards > 1:
-                self._shards = self._sharded_layout(model)
+                from .rank_shards import RankShards
+
+                self._shards = RankShards.for_run(self.contract, trainable_params(model), self.trace_dir, self.rank, self.world)
             diffs = contract_differences(
                 self.contract, args, model, train_dataloader,
                 check_base=self.check_base_model and self.rank == 0 and (state.global_step == 0 or self.contract.is_peft)
@@ -150,21 +152,6 @@ class AuditCallback(StepObserver):
         if self._shards is not None:
             self._begin_sharded(state, model, optimizer, lr_scheduler, rngs)
         self.capture.install(unwrap(model))
-
-    def _sharded_layout(self, model: Any) -> Any:
-        """This rank's :class:`~aftune_hf.rank_shards.RankShards`, if the run is the contract's FSDP2
-        layout (every trainable parameter a dim-0 shard over the ranks); else fail closed."""
-        from .rank_shards import RankShards, layout_problems
-
-        if self.contract.shards == 1:
-            why = ("FSDP over one process is not recorded; train without it" if self.contract.trainer_args.get("fsdp") else
-                   "the contract does not declare FSDP (trainer_args.fsdp with training.world_size); record the job it describes")
-            raise RecorderError("unsupported_sharding", f"the trainable parameters are shards (FSDP or DeepSpeed ZeRO-3): {why}")
-        if problems := layout_problems(trainable_params(model), self.world):
-            raise RecorderError("unsupported_sharding", f"the contract declares FSDP over {self.world} ranks, but "
-                                f"{len(problems)} trainable parameters are not recorded that way: " + "; ".join(problems[:3])
-                                + " (FSDP2 with fsdp_version: 2 is; FSDP1 and ZeRO-3 are not: docs/SCALING.md)")  # fmt: skip
-        return RankShards(self.trace_dir, self.rank, self.world)
 
     def _begin_sharded(self, state, model, optimizer, lr_scheduler, rngs: list[bytes]) -> None:
         """Step 0 of an FSDP run: every rank writes its anchor shards; the main process joins their

@@ -72,6 +72,20 @@ class RankShards:
         self.root, self.rank, self.world = Path(trace_dir), rank, world
         self.full: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
 
+    @classmethod
+    def for_run(cls, contract: Any, params: Mapping[str, Any], trace_dir: str | Path, rank: int, world: int) -> RankShards:
+        """This rank's recorder side, if the run is the contract's FSDP2 layout (every trainable
+        parameter a dim-0 shard over the ``world`` ranks); else fail closed (``unsupported_sharding``)."""
+        if contract.shards == 1:
+            why = ("FSDP over one process is not recorded; train without it" if contract.trainer_args.get("fsdp") else
+                   "the contract does not declare FSDP (trainer_args.fsdp with training.world_size); record the job it describes")
+            raise RecorderError("unsupported_sharding", f"the trainable parameters are shards (FSDP or DeepSpeed ZeRO-3): {why}")
+        if problems := layout_problems(params, world):
+            raise RecorderError("unsupported_sharding", f"the contract declares FSDP over {world} ranks, but "
+                                f"{len(problems)} trainable parameters are not recorded that way: " + "; ".join(problems[:3])
+                                + " (FSDP2 with fsdp_version: 2 is; FSDP1 and ZeRO-3 are not: docs/SCALING.md)")  # fmt: skip
+        return cls(trace_dir, rank, world)
+
     def _pieces(self, kind: str, tensors: Mapping[str, Any]) -> tuple[bytes, dict[str, torch.Tensor]]:
         local, first = _local(tensors, self.rank, self.world)
         self.full[kind] = S.full_shapes(tensors)

@@ -5,6 +5,8 @@
 accelerate runs FSDP on CPU processes only with tests/fsdp_cpu.py (it treats FSDP as GPU-only).
 ``--nudge-rank R``: after the optimizer step of step 2, rank R adds 1e-2 to its shard of one
 weight (a provider who edits the weights); the recorder commits what the weights are.
+``--stop-at S``: every rank stops training at the end of step S (a crash; the trace stays open).
+``--plain``: no recorder (scripts/bench_fsdp.py). Prints ``train_runtime S`` on rank 0.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from tests import fsdp_cpu  # noqa: E402
 
 
 class Nudge(transformers.TrainerCallback):
-    rank = -1
+    rank, stop_at = -1, -1
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.stop_at:
+            raise SystemExit(5)
         if args.process_index == self.rank and state.global_step == 2:
             p = dict(model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
             with torch.no_grad():
@@ -41,18 +45,23 @@ def main() -> int:
     ap.add_argument("contract")
     ap.add_argument("trace")
     ap.add_argument("--nudge-rank", type=int, default=-1)
+    ap.add_argument("--stop-at", type=int, default=-1)
+    ap.add_argument("--plain", action="store_true")
     a = ap.parse_args()
     fsdp_cpu.enable()
     contract = load_contract(a.contract)
     parts = build(contract, str(Path(a.trace).parent / "out"), disable_tqdm=True, logging_steps=1000, use_cpu=True)
-    Nudge.rank = a.nudge_rank
-    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[Nudge(), AuditCallback(contract, a.trace)])
+    Nudge.rank, Nudge.stop_at = a.nudge_rank, a.stop_at
+    audit = [] if a.plain else [AuditCallback(contract, a.trace)]
+    trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[Nudge(), *audit])
     assert trainer.args.world_size == 2 and trainer.is_fsdp_enabled, "not a real FSDP run"
     try:
-        trainer.train()
+        out = trainer.train()
     except AftuneError as e:
         print(f"rank {trainer.args.process_index} stopped: {e.code} | {e}", flush=True)
         return 3
+    if trainer.args.process_index == 0:
+        print(f"train_runtime {out.metrics['train_runtime']:.4f}", flush=True)
     print(f"rank {trainer.args.process_index} done", flush=True)
     return 0
 

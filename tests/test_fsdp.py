@@ -200,3 +200,22 @@ def test_a_run_the_contract_says_is_fsdp_but_is_not_sharded_is_refused(fsdp_cont
         trainer.train()
     assert e.value.code == "unsupported_sharding"
     assert not trace.exists() or not any(trace.iterdir())
+
+
+@pytest.mark.slow
+def test_an_fsdp_trace_a_crash_left_open_is_not_resumed(fsdp_contract, tmp_path):
+    """Resuming an FSDP trace is not built: after a crash at step 4 a new run into the same trace
+    is refused on every rank (nothing appended), not recorded over the committed steps."""
+    from tests.conftest import REPO
+    from tests.test_ddp import _launch
+
+    trace = tmp_path / "run" / "trace"
+    trace.parent.mkdir()
+    p = _launch(REPO / "tests" / "fsdp_record.py", fsdp_contract, trace, "--stop-at", "4", cwd=trace.parent)
+    assert p.returncode != 0 and not (trace / ROOT).exists(), p.stdout + p.stderr[-2000:]
+    chain = (trace / "chain.jsonl").read_bytes()
+    steps = [json.loads(x)["record"]["step"] for x in chain.splitlines()]
+    assert steps == list(range(len(steps))) and 1 <= len(steps) <= 4  # step 4's record is never committed
+    p = _launch(REPO / "tests" / "fsdp_record.py", fsdp_contract, trace, cwd=trace.parent)
+    assert p.returncode != 0 and "unsupported_sharding" in p.stdout and "resuming an FSDP trace" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert (trace / "chain.jsonl").read_bytes() == chain
