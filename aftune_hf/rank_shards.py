@@ -135,10 +135,9 @@ class RankShards:
 
 def _joined(kind: str, blobs: list[bytes], full: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> bytes:
     ranks = [S.decode(b) for b in blobs]
-    digests = {}
-    for name, (dtype, shape) in full.items():
-        try:
-            digests[name] = S.join_digest(dtype, shape, [r[name] for r in ranks if name in r])
-        except ValueError as e:
-            raise RecorderError("unsupported_sharding", f"{kind} {name}: the ranks' shards do not make the tensor: {e}") from None
-    return D.named_digest(digests, D.STATE_TREE)
+    names = sorted(full)
+    try:
+        digests = S.join_digests([(*full[n], [r[n] for r in ranks if n in r]) for n in names])
+    except ValueError as e:
+        raise RecorderError("unsupported_sharding", f"{kind}: the ranks' shards do not make the tensors: {e}") from None
+    return D.named_digest(dict(zip(names, digests)), D.STATE_TREE)

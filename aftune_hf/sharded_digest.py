@@ -35,9 +35,6 @@ import torch
 from . import device_blake3 as B
 from . import digest as D
 
-_M = 0xFFFFFFFF
-
-
 @dataclass(frozen=True)
 class Pieces:
     """One rank's part of one tensor message: the bytes ``[offset, offset + length)``.
@@ -131,106 +128,127 @@ def local_pieces(local: Mapping[str, torch.Tensor], full: Mapping[str, tuple[tor
     return out
 
 
-# --- the join, on the main process (a few hundred compressions per tensor: plain Python) ------------
+# --- the join, on the main process: every tensor's missing nodes in a few batched compressions ---------
 
 
-def _rotr(x: int, n: int) -> int:
-    return ((x >> n) | (x << (32 - n))) & _M
-
-
-def _compress(cv: Sequence[int], block: bytes, counter: int, block_len: int, flags: int) -> list[int]:
-    m = list(struct.unpack("<16I", block.ljust(B.BLOCK, b"\0")))
-    s = [*cv[:8], *B.IV[:4], counter & _M, counter >> 32, block_len, flags]
-    for _ in range(7):
-        for i, (a, b, c, d) in enumerate(((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15),
-                                          (0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14))):  # fmt: skip
-            s[a] = (s[a] + s[b] + m[2 * i]) & _M
-            s[d] = _rotr(s[d] ^ s[a], 16)
-            s[c] = (s[c] + s[d]) & _M
-            s[b] = _rotr(s[b] ^ s[c], 12)
-            s[a] = (s[a] + s[b] + m[2 * i + 1]) & _M
-            s[d] = _rotr(s[d] ^ s[a], 8)
-            s[c] = (s[c] + s[d]) & _M
-            s[b] = _rotr(s[b] ^ s[c], 7)
-        m = [m[p] for p in B._PERMUTATION]
-    return [s[i] ^ s[i + 8] for i in range(8)]
-
-
-def _chunk_cv(data: bytes, counter: int, key: list[int], flags: int, root: bool) -> list[int]:
-    cv = key
-    blocks = [data[i : i + B.BLOCK] for i in range(0, len(data), B.BLOCK)] or [b""]
-    for i, block in enumerate(blocks):
-        f = flags | (B.CHUNK_START if i == 0 else 0) | ((B.CHUNK_END | (B.ROOT if root else 0)) if i == len(blocks) - 1 else 0)
-        cv = _compress(cv, block, counter, len(block), f)
-    return cv
-
-
-def _words(value: bytes) -> list[int]:
-    return list(struct.unpack("<8I", value))
-
-
-def join(total: int, parts: Sequence[Pieces], *, key: bytes, flags: int) -> bytes:
-    """The BLAKE3 root of a message of ``total`` bytes from pieces that tile it exactly, in order.
-
-    Raises:
-        ValueError: the pieces leave a gap, overlap, or disagree with their own ranges.
-    """
-    raw = bytearray(total)
-    have = np.zeros(total, dtype=bool)
-    nodes: dict[tuple[int, int], list[int]] = {}
-    at = 0
+def _checked(total: int, parts: Sequence[Pieces]) -> tuple[list[tuple[int, bytes]], dict[tuple[int, int], bytes]]:
+    """The raw byte segments and the given subtrees of pieces that must tile ``[0, total)``, in order."""
+    segments, nodes, at = [], {}, 0
+    n = max(1, -(-total // B.CHUNK))
     for p in sorted(parts, key=lambda p: p.offset):
         if p.offset != at or p.length < 0 or p.offset + p.length > total:
             raise ValueError(f"pieces do not tile the message: a range starts at {p.offset}, expected {at}")
         c0, c1, b0, b1 = _layout(p.offset, p.length, total)
-        want = _subtrees(c0, c1, max(1, -(-total // B.CHUNK)))
-        if len(p.head) != b0 - p.offset or len(p.tail) != p.offset + p.length - b1 or [n[:2] for n in p.nodes] != want:
+        if len(p.head) != b0 - p.offset or len(p.tail) != p.offset + p.length - b1 or [x[:2] for x in p.nodes] != _subtrees(c0, c1, n):
             raise ValueError(f"pieces of the range at {p.offset} do not match its layout")
-        raw[p.offset : b0] = p.head
-        raw[b1 : p.offset + p.length] = p.tail
-        have[p.offset : b0] = have[b1 : p.offset + p.length] = True
-        have[b0:b1] = True
-        nodes.update({(c, s): _words(v) for c, s, v in p.nodes})
+        segments += [(p.offset, p.head), (b1, p.tail)]
+        nodes.update({(c, size): v for c, size, v in p.nodes})
         at = p.offset + p.length
     if at != total:
         raise ValueError(f"pieces do not tile the message: they end at byte {at} of {total}")
-    kw = _words(key)
-    n = max(1, -(-total // B.CHUNK))
-
-    def node(lo: int, size: int, root: bool) -> list[int]:
-        if (lo, size) in nodes:
-            return nodes[lo, size]
-        if size == 1:
-            return _chunk_cv(bytes(raw[lo * B.CHUNK : min(total, (lo + 1) * B.CHUNK)]), lo, kw, flags, root)
-        left = 1 << ((size - 1).bit_length() - 1)
-        block = struct.pack("<16I", *node(lo, left, False), *node(lo + left, size - left, False))
-        return _compress(kw, block, 0, B.BLOCK, flags | B.PARENT | (B.ROOT if root else 0))
-
-    return struct.pack("<8I", *node(0, n, True))
+    return [x for x in segments if x[1]], nodes
 
 
-def _pieces_py(data: bytes, offset: int, total: int, key: list[int], flags: int) -> Pieces:
-    """:class:`Pieces` of a small range computed here (the header: a whole chunk only past 1 KiB)."""
-    c0, c1, b0, b1 = _layout(offset, len(data), total)
+def _span(segments: list[tuple[int, bytes]], starts: list[int], lo: int, hi: int) -> bytes:
+    """Bytes ``[lo, hi)`` of the message from its raw segments (sorted, contiguous where needed)."""
+    import bisect
 
-    def tree(lo: int, size: int) -> list[int]:
-        if size == 1:
-            return _chunk_cv(data[lo * B.CHUNK - offset : min(total, (lo + 1) * B.CHUNK) - offset], lo, key, flags, False)
-        half = size // 2
-        return _compress(key, struct.pack("<16I", *tree(lo, half), *tree(lo + half, half)), 0, B.BLOCK, flags | B.PARENT)
+    out, pos = bytearray(), lo
+    for off, data in segments[max(0, bisect.bisect_right(starts, lo) - 1):]:
+        if off >= hi:
+            break
+        if off + len(data) > pos:
+            if off > pos:
+                break
+            out += data[pos - off : hi - off]
+            pos = off + min(len(data), hi - off)
+    if pos != hi:
+        raise ValueError(f"pieces leave bytes {pos}..{hi} of a chunk unsent")
+    return bytes(out)
 
-    nodes = tuple((c, s, struct.pack("<8I", *tree(c, s))) for c, s in _subtrees(c0, c1, max(1, -(-total // B.CHUNK))))
-    return Pieces(offset, len(data), data[: b0 - offset], nodes, data[b1 - offset :])
+
+def join_all(messages: Sequence[tuple[int, Sequence[Pieces]]], *, key: bytes, flags: int) -> list[bytes]:
+    """The BLAKE3 roots of messages (``(total bytes, pieces tiling it)`` each), computed together: the
+    chunks no piece covers in one batch, then the missing parent nodes one batch per tree height.
+
+    Raises:
+        ValueError: pieces leave a gap, overlap, or disagree with their own ranges.
+    """
+    given: list[bytes] = []
+    leaves: list[tuple[bytes, int, bool]] = []  # chunk bytes, counter, is the root
+    parents: list[tuple[int, int, bool, int]] = []  # left id, right id, is the root, height
+    ids: list[tuple[str, int]] = []  # ("given" | "leaf" | "parent", index)
+    height: list[int] = []
+    roots = []
+    for total, parts in messages:
+        segments, nodes = _checked(total, parts)
+        starts = [off for off, _ in segments]
+
+        def plan(lo: int, size: int, root: bool) -> int:
+            if (lo, size) in nodes and not root:
+                ids.append(("given", len(given)))
+                given.append(nodes[lo, size])
+                height.append(0)
+            elif size == 1:
+                ids.append(("leaf", len(leaves)))
+                leaves.append((_span(segments, starts, lo * B.CHUNK, min(total, (lo + 1) * B.CHUNK)), lo, root))
+                height.append(0)
+            else:
+                half = 1 << ((size - 1).bit_length() - 1)
+                left, right = plan(lo, half, False), plan(lo + half, size - half, False)
+                h = 1 + max(height[left], height[right])
+                ids.append(("parent", len(parents)))
+                parents.append((left, right, root, h))
+                height.append(h)
+            return len(ids) - 1
+
+        roots.append(plan(0, max(1, -(-total // B.CHUNK)), True))
+    compress = B._compressor("cpu", False)
+    cv = torch.zeros(8, len(ids), dtype=torch.int64)
+    where = {k: [i for i, (kind, _) in enumerate(ids) if kind == k] for k in ("given", "leaf", "parent")}
+    if given:
+        words = np.frombuffer(b"".join(given), dtype="<u4").reshape(-1, 8).astype(np.int64)
+        cv[:, where["given"]] = torch.from_numpy(words).T
+    if leaves:
+        buf = torch.zeros(len(leaves) * B.CHUNK, dtype=torch.uint8)
+        for i, (data, _, _) in enumerate(leaves):
+            buf[i * B.CHUNK : i * B.CHUNK + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
+        size = np.array([len(d) for d, _, _ in leaves], dtype=np.int64)
+        blocks = np.maximum(1, -(-size // B.BLOCK))
+        last_flags = np.array([flags | B.CHUNK_END | (B.ROOT if r else 0) for _, _, r in leaves], dtype=np.int64)
+        counter = np.array([c for _, c, _ in leaves], dtype=np.int64)
+        cv[:, where["leaf"]] = B.chunk_cvs(buf, counter, blocks, size - (blocks - 1) * B.BLOCK, last_flags, key, flags, compress)
+    for h in sorted({p[3] for p in parents}):
+        todo = [(where["parent"][i], p) for i, p in enumerate(parents) if p[3] == h]
+        k = len(todo)
+        m = torch.cat([cv[:, [p[0] for _, p in todo]], cv[:, [p[1] for _, p in todo]]])
+        node_flags = torch.tensor([flags | B.PARENT | (B.ROOT if p[2] else 0) for _, p in todo], dtype=torch.int64)
+        cv[:, [i for i, _ in todo]] = compress(B._key_words(key, k, cv.device), m, torch.zeros(k, dtype=torch.int64),
+                                              torch.full((k,), B.BLOCK, dtype=torch.int64), node_flags)  # fmt: skip
+    return B._digests(cv[:, roots])
+
+
+def join(total: int, parts: Sequence[Pieces], *, key: bytes, flags: int) -> bytes:
+    """The BLAKE3 root of one message of ``total`` bytes from pieces that tile it (:func:`join_all`)."""
+    return join_all([(total, parts)], key=key, flags=flags)[0]
+
+
+def join_digests(tensors: Sequence[tuple[torch.dtype, Sequence[int], Sequence[Pieces]]]) -> list[bytes]:
+    """:func:`aftune_hf.digest.tensor_digest` of each tensor of ``(dtype, shape)`` whose ranks sent those
+    pieces (the header is added here), computed together."""
+    messages = []
+    for dtype, shape, parts in tensors:
+        header = _header(dtype, shape)
+        if len(header) >= B.CHUNK:
+            raise ValueError(f"a tensor of {len(shape)} dimensions is not supported")
+        total = len(header) + int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        messages.append((total, [Pieces(0, len(header), header, (), b""), *parts]))
+    return join_all(messages, key=B.derive_key(D.CONTEXTS["tensor"]), flags=B.DERIVE_KEY_MATERIAL)
 
 
 def join_digest(dtype: torch.dtype, shape: Sequence[int], parts: Sequence[Pieces]) -> bytes:
-    """:func:`aftune_hf.digest.tensor_digest` of the tensor of ``dtype`` and ``shape`` whose ranks
-    sent ``parts`` (the header is added here)."""
-    header = _header(dtype, shape)
-    total = len(header) + int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-    key = B.derive_key(D.CONTEXTS["tensor"])
-    head = _pieces_py(header, 0, total, _words(key), B.DERIVE_KEY_MATERIAL)
-    return join(total, [head, *parts], key=key, flags=B.DERIVE_KEY_MATERIAL)
+    """:func:`join_digests` of one tensor."""
+    return join_digests([(dtype, shape, parts)])[0]
 
 
 # --- transport: pieces as bytes (no pickle) -----------------------------------------------------

@@ -53,7 +53,7 @@ def main() -> None:
                 extra = ["--plain"] if kind == "plain" else []
                 p = subprocess.run([*LAUNCH, str(REPO / "tests" / "fsdp_record.py"), str(contract), str(trace), *extra],
                                    capture_output=True, text=True, env=env, cwd=trace.parent, timeout=900)  # fmt: skip
-                m = re.search(r"train_runtime (\S+)", p.stdout)
+                m = re.search(r"train_runtime ([0-9.]+)", p.stdout)
                 if p.returncode != 0 or not m:
                     raise SystemExit(f"{kind} run failed:\n{p.stdout}\n{p.stderr[-3000:]}")
                 times[kind].append(float(m.group(1)) / a.steps * 1000)
