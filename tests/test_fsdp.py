@@ -219,3 +219,23 @@ def test_an_fsdp_trace_a_crash_left_open_is_not_resumed(fsdp_contract, tmp_path)
     p = _launch(REPO / "tests" / "fsdp_record.py", fsdp_contract, trace, cwd=trace.parent)
     assert p.returncode != 0 and "unsupported_sharding" in p.stdout and "resuming an FSDP trace" in p.stdout, p.stdout + p.stderr[-2000:]
     assert (trace / "chain.jsonl").read_bytes() == chain
+
+
+def test_the_join_holds_only_the_pieces_never_the_tensor():
+    """The main process joins a 64 GiB tensor's pieces (4 ranks; subtree values stand in for the
+    ranks' hashing) without allocating anything of the tensor's size (it once did: a bytearray and a
+    bool array as long as the message)."""
+    from aftune_hf.sharded_digest import _header, _layout, _subtrees
+
+    shape, world = (1 << 36,), 4
+    total = len(_header(torch.int8, shape)) + shape[0]
+    n = -(-total // 1024)
+    parts = []
+    for r in range(world):
+        a, b = shard_rows(shape[0], world, r)
+        offset, length = total - shape[0] + a, b - a
+        c0, c1, b0, b1 = _layout(offset, length, total)
+        nodes = tuple((c, s, bytes([r + 1]) * 32) for c, s in _subtrees(c0, c1, n))
+        parts.append(Pieces(offset, length, bytes(b0 - offset), nodes, bytes(offset + length - b1)))
+    assert len(join_digest(torch.int8, shape, parts)) == 32
+    assert sum(len(p.nodes) for p in parts) < 4 * 2 * 36 and all(len(p.head) + len(p.tail) < 2048 for p in parts)
