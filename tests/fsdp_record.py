@@ -54,7 +54,7 @@ def main() -> int:
     Nudge.rank, Nudge.stop_at = a.nudge_rank, a.stop_at
     audit = [] if a.plain else [AuditCallback(contract, a.trace)]
     trainer = transformers.Trainer(**parts.trainer_kwargs(), callbacks=[Nudge(), *audit])
-    assert trainer.args.world_size == 2 and trainer.is_fsdp_enabled, "not a real FSDP run"
+    assert trainer.args.world_size >= 2 and trainer.is_fsdp_enabled, "not a real FSDP run"
     try:
         out = trainer.train()
     except AftuneError as e:
