@@ -35,6 +35,7 @@ import torch
 from . import device_blake3 as B
 from . import digest as D
 
+
 @dataclass(frozen=True)
 class Pieces:
     """One rank's part of one tensor message: the bytes ``[offset, offset + length)``.
@@ -120,9 +121,8 @@ def local_pieces(local: Mapping[str, torch.Tensor], full: Mapping[str, tuple[tor
         roots = B._digests(B.merge(cv, np.array(sizes, dtype=np.int64), key, flags, compress, root=False))
     out, at = {}, 0
     for name, (offset, data, b0, b1, nodes) in plans.items():
-        raw = data.cpu().numpy().tobytes() if b0 - offset > 0 or data.numel() - (b1 - offset) > 0 else b""
-        head = raw[: b0 - offset] if raw else b""
-        tail = raw[b1 - offset :] if raw else b""
+        head = data[: b0 - offset].cpu().numpy().tobytes()  # < 1 KiB each: the rest never leaves the device
+        tail = data[b1 - offset :].cpu().numpy().tobytes()
         out[name] = Pieces(offset, data.numel(), head, tuple((c, s, roots[at + i]) for i, (c, s) in enumerate(nodes)), tail)
         at += len(nodes)
     return out
