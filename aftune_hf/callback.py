@@ -304,7 +304,7 @@ class AuditCallback(StepObserver):
         sharded = None
         if self._shards is not None:
             sections, rngs = self._shards.split(rngs)
-            sharded = (sections, {k: dict(v) for k, v in self._shards.full.items()})
+            sharded = (sections, dict(self._shards.full))  # step() replaces its entries, never edits them
         anchor = None
         if anchored:
             anchor = anchor_with_ranks(make_anchor(step, model, optimizer, lr_scheduler, state, copy=False), rngs)

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import copy
-
 import typing
 from typing import Any
 

@@ -127,7 +127,7 @@ class TraceWriter:
 
     def stage_checkpoint(self, step: int, tensors: Mapping[str, Any]) -> list[tuple[Path, Path]]:
         """Write the checkpoint of ``step`` to a temp file; commit it with :meth:`commit_files`."""
-        final = self._folder_for(checkpoint_path(step))
+        final = folder_for(self.root, checkpoint_path(step))
         return [stage_safetensors(final, tensors, {"format": "pt"})]
 
     def stage_anchor(self, anchor: Anchor) -> tuple[bytes, list[tuple[Path, Path]]]:
@@ -137,15 +137,12 @@ class TraceWriter:
             raise RecorderError("anchor_invalid", f"meta keys {sorted(anchor.meta)}", step=anchor.step)
         if self.shards > 1 and (anchor.params_state is None or anchor.optimizer_state is None):
             raise RecorderError("anchor_invalid", "a sharded anchor needs the joined params and optimizer digests", step=anchor.step)
-        meta = self._folder_for(anchor_path(anchor.step, "meta"))
+        meta = folder_for(self.root, anchor_path(anchor.step, "meta"))
         digest = anchor.digest()
         parts = [p for p in ANCHOR_PARTS if self.shards == 1 or p not in SHARDED_PARTS]
         staged = [stage_safetensors(self.root / anchor_path(anchor.step, p), getattr(anchor, p), {"format": "pt"})
                   for p in parts]  # fmt: skip
         return digest, [*staged, stage_bytes(meta, D.canonical_json(dict(anchor.meta)))]
-
-    def _folder_for(self, rel: str) -> Path:
-        return folder_for(self.root, rel)
 
     def commit_files(self, staged: list[tuple[Path, Path]]) -> None:
         """Make staged files durable and visible (before the record that refers to them)."""
