@@ -239,3 +239,19 @@ def test_the_join_holds_only_the_pieces_never_the_tensor():
         parts.append(Pieces(offset, length, bytes(b0 - offset), nodes, bytes(offset + length - b1)))
     assert len(join_digest(torch.int8, shape, parts)) == 32
     assert sum(len(p.nodes) for p in parts) < 4 * 2 * 36 and all(len(p.head) + len(p.tail) < 2048 for p in parts)
+
+
+def test_a_header_that_claims_thousands_of_ranks_fails_before_listing_their_files(base_model_dir, tmp_path):
+    """The rank count comes from the (untrusted) header's contract: ranks x steps beyond the reader's
+    file bound is ``too_many_files`` before the expected file set is built (not a memory blow-up)."""
+    from aftune_hf.errors import ResourceLimitError
+    from aftune_hf.trace import HEADER, Limits
+    from tests.conftest import record_tiny
+
+    _, trace = record_tiny(tmp_path, base_model_dir, steps=3, anchor_every=3)
+    header = json.loads((trace / HEADER).read_text())
+    header["contract"]["trainer_args"] = {"fsdp": True}
+    header["contract"]["training"]["world_size"] = 4096
+    (trace / HEADER).write_bytes(D.canonical_json(header))
+    with pytest.raises(ResourceLimitError, match="4096 ranks x 4 steps"):
+        TraceReader(trace, limits=Limits(max_files=10_000)).check_integrity()

@@ -72,6 +72,7 @@ class TraceReader:
                 if rel.lower().endswith(PICKLE_SUFFIXES):
                     raise UnsafeContentError("pickle_not_allowed", "never opened", path=rel)
         self._committed: Mapping[str, str] | None = None  # the root's file digests, once read (remote only)
+        self._shards: int | None = None  # from the header, read once
 
     def local(self, rel: str, max_bytes: int | None = None) -> Path:
         """The local path of trace file ``rel`` (if remote: refused when listed above ``max_bytes``,
@@ -169,6 +170,10 @@ class TraceReader:
         for k, v in expect.items():
             if not _same(root[k], v):
                 raise CommitmentError("root_mismatch", f"{k}: root says {root[k]!r}, trace gives {v!r}", path=ROOT)
+        steps = sum(1 for e in entries if e.record["kind"] != "resume")
+        if self.shards() * steps > self.limits.max_files:  # before building the set: the header picks the rank count
+            raise ResourceLimitError("too_many_files", f"{self.shards()} ranks x {steps} steps of rank files would exceed "
+                                     f"{self.limits.max_files} files", path=HEADER)  # fmt: skip
         wanted = expected_files(entries, self.shards())
         present = set(self.files) - {ROOT, SIGNATURE}
         if missing := sorted(wanted - present):
@@ -219,7 +224,9 @@ class TraceReader:
 
     def shards(self) -> int:
         """How many rank files each checkpoint (and anchor params/optimizer) is split into (FSDP: the world size)."""
-        return shard_count(self.header()["contract"])
+        if self._shards is None:
+            self._shards = shard_count(self.header()["contract"])
+        return self._shards
 
     def _merged(self, files: list[str], schema: Schema | None, bound: int | None) -> dict[str, Any]:
         """One file's tensors, or the tensors of every rank's file joined (:func:`merge_shards`)."""
