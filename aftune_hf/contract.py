@@ -193,9 +193,6 @@ class Contract:
         _positive(a.windows, "audit.windows")
         if a.mode == "tolerance" and a.checkpoint_every != 1:
             raise ConfigError("invalid_audit", "tolerance mode needs checkpoint_every: 1")
-        if self.trainer_args.get("fsdp") and a.mode == "exact":
-            raise ConfigError("invalid_audit", "FSDP runs are verified in tolerance mode (one process replays the "
-                              "unsharded job); exact replay with the same sharding is not built yet (docs/SCALING.md)")  # fmt: skip
         if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
             raise ConfigError("invalid_value", "training.learning_rate must be positive")
         if a.tolerance < 0 or not math.isfinite(a.tolerance):

@@ -230,24 +230,31 @@ def reseal(root: Path) -> None:
 
 
 def _restate(root: Path, record: dict[str, Any]) -> None:
-    """Make a record's state and anchor digests those of the (possibly mutated) files it names."""
+    """Make a record's state and anchor digests those of the (possibly mutated) files it names
+    (an FSDP trace's rank files joined, as the reader joins them)."""
     from safetensors.torch import load_file
 
     from . import digest as D
-    from .trace import anchor_path, checkpoint_path
+    from .trace import anchor_files, anchor_path, checkpoint_files, shard_count
+    from .trace.reader import merge_shards
+
+    shards = shard_count(json.loads((root / "aftune_trace.json").read_text())["contract"])
+
+    def tensors(files: list[str]) -> dict[str, Any]:
+        parts = [load_file(root / f) for f in files]
+        return parts[0] if len(parts) == 1 else merge_shards(parts, path=files[0])
 
     step = record.get("step")
     if record.get("kind") == "step" and record.get("checkpoint"):
         try:
-            record["state"] = D.state_digest(load_file(root / checkpoint_path(step))).hex()
+            record["state"] = D.state_digest(tensors(checkpoint_files(step, shards))).hex()
         except Exception:  # noqa: BLE001
             pass
     if record.get("anchor") is None:
         return
-    d = (root / anchor_path(step, "meta")).parent
     try:
-        parts = {p: D.state_digest(load_file(d / f"{p}.safetensors")) for p in ("params", "optimizer", "rng")}
-        parts["meta"] = D.json_digest(json.loads((d / "anchor.json").read_text()))
+        parts = {p: D.state_digest(tensors(anchor_files(step, p, shards))) for p in ("params", "optimizer", "rng")}
+        parts["meta"] = D.json_digest(json.loads((root / anchor_path(step, "meta")).read_text()))
     except Exception:  # noqa: BLE001
         return
     record["anchor"] = D.anchor_digest(parts).hex()

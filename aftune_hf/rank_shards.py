@@ -65,6 +65,26 @@ def _local(tensors: Mapping[str, Any], rank: int, world: int) -> tuple[dict[str,
     return local, first
 
 
+def rank_pieces(tensors: Mapping[str, Any], rank: int, world: int) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """This rank's encoded :class:`~aftune_hf.sharded_digest.Pieces` of ``tensors`` and their local parts."""
+    local, first = _local(tensors, rank, world)
+    hashed = {n: t for n, t in local.items() if not (t.dim() == 0 and rank)}
+    return S.encode(S.local_pieces(hashed, S.full_shapes(tensors), first)), local
+
+
+def sharded_state_digest(tensors: Mapping[str, Any], rank: int, world: int, device: Any = "cpu") -> bytes:
+    """:func:`~aftune_hf.digest.state_digest` of FSDP2 shards, on every rank: a collective (each rank
+    sends its pieces, every rank joins them); no tensor is gathered. The verifier's FSDP replay uses it.
+
+    Example:
+        >>> sharded_state_digest(trainable_params(model), rank, world)    # doctest: +SKIP
+    """
+    from .dist import all_gather_bytes
+
+    blob, _ = rank_pieces(tensors, rank, world)
+    return _joined("tensors", all_gather_bytes(blob, device), S.full_shapes(tensors))
+
+
 class RankShards:
     """One rank's side of recording an FSDP2 run (every rank, the main process too)."""
 
@@ -87,10 +107,8 @@ class RankShards:
         return cls(trace_dir, rank, world)
 
     def _pieces(self, kind: str, tensors: Mapping[str, Any]) -> tuple[bytes, dict[str, torch.Tensor]]:
-        local, first = _local(tensors, self.rank, self.world)
         self.full[kind] = S.full_shapes(tensors)
-        hashed = {n: t for n, t in local.items() if not (t.dim() == 0 and self.rank)}
-        blob = S.encode(S.local_pieces(hashed, self.full[kind], first))
+        blob, local = rank_pieces(tensors, self.rank, self.world)
         return struct.pack("<Q", len(blob)) + blob, local
 
     def step(self, step: int, params: Mapping[str, Any], *, checkpoint: bool, optimizer: Mapping[str, Any] | None) -> bytes:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -63,11 +64,12 @@ class ReplayedStep:
 class ReplayObserver(StepObserver):
     """Observe steps ``start+1 .. end``, then stop the Trainer."""
 
-    def __init__(self, start: int, end: int, keep_params: bool, gather: bool = False) -> None:
+    def __init__(self, start: int, end: int, keep_params: bool, gather: bool = False, sharded: bool = False) -> None:
         super().__init__()
         self.start, self.end = start, end
         self.keep_params = keep_params
         self.gather = gather  # a multi-process replay: merge every rank's share as the recorder did
+        self.sharded = sharded  # an FSDP2 replay: digests joined from every rank's shard pieces
         self.steps: list[ReplayedStep] = []
         self.initial_state: bytes | None = None
         self.start_state: Anchor | None = None
@@ -78,14 +80,23 @@ class ReplayObserver(StepObserver):
         self._t0 = time.perf_counter()
         super().on_step_begin(args, state, control, **kwargs)
 
+    def _state(self, tensors: dict[str, torch.Tensor], args: Any) -> bytes:
+        if not self.sharded:
+            return D.state_digest(tensors)
+        from .rank_shards import sharded_state_digest
+
+        return sharded_state_digest(tensors, args.process_index, args.world_size, args.device)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        self.initial_state = D.state_digest(trainable_params(model))
+        self.initial_state = self._state(trainable_params(model), args)
         if self.start == 0:  # the contract's full initial state, as the recorder's step-0 anchor holds it
             self.start_state = self._full_state(0, model, optimizer, lr_scheduler, state, args)
         self.capture.install(unwrap(model))
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        fields, params = self.observe(state, model)
+        fields, params = self.observe(state, model, state_digest=not self.sharded)
+        if self.sharded:
+            fields["state"] = self._state(params, args)
         if self.gather:
             fields, _ = merge_steps(fields, all_gather_bytes(pack_step(fields), args.device))
         seconds = time.perf_counter() - self._t0
@@ -96,7 +107,10 @@ class ReplayObserver(StepObserver):
 
     def _full_state(self, step: int, model, optimizer, lr_scheduler, state, args) -> Anchor:
         """What the recorder's anchor at ``step`` holds, taken the way the recorder takes it."""
-        anchor = make_anchor(step, model, optimizer, lr_scheduler, state)
+        anchor = make_anchor(step, model, optimizer, lr_scheduler, state, copy=not self.sharded)
+        if self.sharded:  # compared by digest (exact mode): no process gathers a whole tensor
+            anchor = dataclasses.replace(anchor, params={}, optimizer={}, params_state=self._state(dict(anchor.params), args),
+                                         optimizer_state=self._state(dict(anchor.optimizer), args))  # fmt: skip
         if self.gather:  # every rank's RNG, as the recorder's main process gathers them
             anchor = anchor_with_ranks(anchor, all_gather_bytes(rank_rng_bytes(args.world_size), args.device))
         return anchor
@@ -178,10 +192,52 @@ def make_trainer(contract: Contract, parts: Recipe, *, distributed: bool = False
     from .recipes.common import trainer_class
 
     base = trainer_class(contract)
+    if distributed and contract.shards > 1:
+        return type("ShardedReplayTrainer", (ShardedResume, base), {})(**parts.trainer_kwargs(), **kwargs)
     if distributed or contract.training.world_size == 1:
         return base(**parts.trainer_kwargs(), **kwargs)
     cls = type("ReplayTrainer", (RanksAsOneTrainer, base), {"world_size": contract.training.world_size})
     return cls(**parts.trainer_kwargs(), **kwargs)
+
+
+class ShardedResume:
+    """Mixin for the Trainer of an FSDP2 replay (every process one of the recorded ranks): resume
+    from :func:`materialize_checkpoint`'s files, not from the FSDP checkpoint formats the Trainer
+    would look for. The weights were copied in before the model was sharded (FSDP2 then cuts every
+    rank's rows from them, as the recorded run's); the optimizer state is cut into each parameter's
+    ``DTensor`` shard here; the scheduler loads as usual.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:  # noqa: D102
+        return None  # the weights are in place (materialize_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:  # noqa: D102
+        if checkpoint is None:
+            return
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        saved = torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True)  # written by this process
+        params = [p for g in inner.param_groups for p in g["params"]]
+        state = {i: {k: shard_like(v, params[i]) for k, v in s.items()} for i, s in saved["state"].items()}
+        inner.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
+
+def shard_like(value: Any, param: Any) -> Any:
+    """``value`` (a whole tensor shaped as ``param``'s global shape) as this rank's ``DTensor`` shard
+    of it, placed as ``param``; a 0-dim value (a step counter) or a plain parameter's value as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    from .sharded_digest import shard_rows
+
+    if tuple(value.shape) != tuple(param.shape):
+        raise ReplayMismatchError("optimizer_mismatch", f"optimizer state {tuple(value.shape)} for a parameter "
+                                  f"of {tuple(param.shape)}")  # fmt: skip
+    mesh = param.device_mesh
+    a, b = shard_rows(int(value.shape[0]), mesh.size(), mesh.get_local_rank())
+    local = value[a:b].to(param.device, copy=True).contiguous()
+    return DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
 
 
 def by_rank(batches: list[bytes], world_size: int) -> list[list[bytes]]:
@@ -269,7 +325,7 @@ def replay_window(
 
     workdir.mkdir(parents=True, exist_ok=True)
     parts = build_recipe(contract, workdir / "out", distributed=distributed)
-    observer = ReplayObserver(start, end, keep_params, gather=distributed)
+    observer = ReplayObserver(start, end, keep_params, gather=distributed, sharded=distributed and contract.shards > 1)
     trainer = make_trainer(contract, parts, distributed=distributed, callbacks=[observer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     resume = None

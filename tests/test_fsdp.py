@@ -17,7 +17,7 @@ import torch
 
 from aftune_hf import digest as D
 from aftune_hf.contract import load_contract
-from aftune_hf.errors import ConfigError, ManifestMismatchError
+from aftune_hf.errors import ManifestMismatchError
 from aftune_hf.sharded_digest import Pieces, decode, encode, join_digest, local_pieces, shard_rows
 from aftune_hf.trace import ROOT, TraceReader, anchor_files, checkpoint_files, checkpoint_path, file_count, step_of_path
 from aftune_hf.trace.reader import merge_shards
@@ -89,10 +89,10 @@ def test_sharded_layout_names_one_file_per_rank():
     assert file_count(12, 4, 1, shards=2) == 4 + 12 * 2 + 4 * (2 + 2 + 1 + 1)
 
 
-def test_fsdp_contracts_are_tolerance_mode_and_replay_unsharded(write_contract):
+def test_fsdp_contracts_shard_over_the_ranks_and_replay_unsharded_in_tolerance_mode(write_contract):
     fsdp = {"fsdp": True, "fsdp_config": {"fsdp_version": 2}}
-    with pytest.raises(ConfigError, match="tolerance mode"):
-        load_contract(write_contract("tiny-full", training={"world_size": 2}, trainer_args=fsdp))
+    exact = load_contract(write_contract("tiny-full", training={"world_size": 2}, trainer_args=fsdp))
+    assert exact.audit.mode == "exact" and exact.shards == 2  # replayed by 2 processes with the same sharding
     c = load_contract(write_contract("tiny-full", training={"world_size": 2}, trainer_args=fsdp,
                                      audit={"mode": "tolerance", "checkpoint_every": 1, "tolerance": 1e-4}))  # fmt: skip
     assert c.shards == 2 and c.single_process().shards == 1 and "fsdp" not in c.single_process().trainer_args
@@ -255,3 +255,65 @@ def test_a_header_that_claims_thousands_of_ranks_fails_before_listing_their_file
     (trace / HEADER).write_bytes(D.canonical_json(header))
     with pytest.raises(ResourceLimitError, match="4096 ranks x 4 steps"):
         TraceReader(trace, limits=Limits(max_files=10_000)).check_integrity()
+
+
+# --- exact replay with the recorded sharding ---------------------------------------------------------
+
+
+@pytest.fixture
+def fsdp_exact_contract(write_contract):
+    return write_contract(
+        "tiny-full", name="exact.yaml",
+        training={"max_steps": 6, "world_size": 2},
+        trainer_args={"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}},
+        audit={"anchor_every": 3, "checkpoint_every": 2, "mode": "exact", "windows": 2},
+    )  # fmt: skip
+
+
+def _verify_exact(trace, contract, name):
+    from tests.conftest import REPO
+    from tests.test_ddp import _launch
+
+    report = trace.parent / f"{name}.json"
+    p = _launch(REPO / "tests" / "fsdp_verify.py", trace, "--contract", contract, "--nonce", "e5e5e5e5e5e5e5e5",
+                "--num-processes", "2", "--report", report, cwd=trace.parent)  # fmt: skip
+    assert report.exists(), p.stdout + p.stderr[-3000:]
+    return p, json.loads(report.read_text())
+
+
+@pytest.mark.slow
+def test_an_fsdp_trace_replays_exactly_with_its_sharding_and_a_cheat_on_one_rank_fails(fsdp_exact_contract, tmp_path):
+    """Two processes replay every window as FSDP2 ranks (each loads its rows of the anchor, digests
+    joined from shard pieces): bit-equal state, loss, grad norm and end state -> PASS; rank 1 editing
+    its shard after step 2 -> FAIL at step 2."""
+    honest = _record(fsdp_exact_contract, tmp_path / "honest" / "trace")
+    p, report = _verify_exact(honest, fsdp_exact_contract, "honest")
+    assert p.returncode == 0 and report["verdict"] == "PASS", p.stdout + p.stderr[-3000:]
+    steps = [s for w in report["windows"] for s in w["steps"]]
+    assert len(steps) == 6 and all(s["state_equal"] for s in steps)
+
+    # a forger scales rank 1's shard of one first moment in the step-3 anchor and recomputes every
+    # digest with our own code: the structure holds, both windows touching the anchor replay it apart
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from aftune_hf.fuzz import reseal
+
+    forged = tmp_path / "forged" / "trace"
+    shutil.copytree(honest, forged)
+    rel = anchor_files(3, "optimizer", 2)[1]
+    tensors = load_file(forged / rel)
+    key = next(k for k in sorted(tensors) if k.endswith("/exp_avg") and tensors[k].dim() == 2)
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, forged / rel, metadata={"format": "pt"})
+    reseal(forged)
+    p, report = _verify_exact(forged, fsdp_exact_contract, "forged")
+    assert report["verdict"] == "FAIL" and {f["check"] for f in report["failures"]} == {"replay"}, p.stdout + p.stderr[-2000:]
+    assert ("anchor_state", 3) in [(f["code"], f["step"]) for f in report["failures"]], report["failures"]
+    assert any(f["code"] == "replay_mismatch" and f["step"] == 4 for f in report["failures"]), report["failures"]
+
+    nudged = _record(fsdp_exact_contract, tmp_path / "nudged" / "trace", "--nudge-rank", "1")
+    p, report = _verify_exact(nudged, fsdp_exact_contract, "nudged")
+    assert p.returncode == 1 and report["verdict"] == "FAIL", p.stdout + p.stderr[-3000:]
+    assert any(f["check"] == "replay" and f["step"] == 2 and "state digest" in f["reason"] for f in report["failures"]), report
