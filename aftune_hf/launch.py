@@ -16,8 +16,9 @@ launcher's process group); the main process gathers the shard reports and writes
 
 A trace recorded by ``world_size`` > 1 processes in exact mode is replayed as it was recorded:
 launch exactly ``world_size`` processes; they re-execute every challenged window *together*, as
-DDP, each gathering every rank's micro-batches as the recorder did, while the main process runs
-the structural and data checks in a child process.
+DDP (or as FSDP2 ranks, for an FSDP trace: each resumes its rows of the anchor and the state
+digests are joined from the ranks' shard pieces), each gathering every rank's micro-batches as the
+recorder did, while the main process runs the structural and data checks in a child process.
 TRACE may be ``hf://REPO@SHA``: every process downloads that pinned revision into a private
 directory first, and the shards verify that copy (the report names the ``hf://`` source). The main
 process checks that the shards together replayed exactly the challenged windows (else ERROR).
