@@ -77,6 +77,8 @@ class CallResult:
     tokens: int
     max_activation_error: float = 0.0
     detail: str = ""
+    token_score: float = 0.0  # mean per-token score (aftune_hf.verify.tokens): 0 for honest serving
+    tokens_off: int = 0  # tokens that do not follow from the committed decoding
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,13 @@ class VerificationReport:
             lines.append(f"  window {w.index} steps {w.start + 1}-{w.end}: {'ok' if w.ok else 'FAIL'} ({w.seconds:.1f} s{extra})")
         for c in self.calls:
             lines.append(f"  call {c.call} row {c.row}: {'ok' if c.ok else 'FAIL'} ({c.tokens} tokens, "
-                         f"max activation error {c.max_activation_error:.1e}){': ' + c.detail if c.detail else ''}")  # fmt: skip
+                         f"max activation error {c.max_activation_error:.1e}, token score {c.token_score:.1e})"
+                         f"{': ' + c.detail if c.detail else ''}")  # fmt: skip
+        if self.calls:
+            tokens = sum(c.tokens for c in self.calls)
+            score = sum(c.token_score * c.tokens for c in self.calls) / max(tokens, 1)
+            lines.append(f"  tokens: {tokens} checked, {sum(c.tokens_off for c in self.calls)} do not follow from the "
+                         f"committed decoding; mean token score {score:.2e} (0 for honest serving)")  # fmt: skip
         if self.detection:
             d = self.detection
             probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())

@@ -28,18 +28,15 @@ from . import digest as D
 from .attest import check_signature, public_key
 from .contract import Contract, load_contract
 from .errors import AftuneError, ConfigError, ProviderFault
-from .generate import sampling_cdf, served_weights
+from .generate import served_weights
 from .live import trainable_params
 from .replay import build_recipe
-from .report import ERROR, FAIL, PASS, CallResult, Detection, Failure, VerificationReport
+from .report import ERROR, FAIL, PASS, Detection, Failure, VerificationReport
 from .trace import TraceReader
 from .trace.inference import InferenceLogReader
 from .verify import check_structure, failure_from
 from .verify.structure import parse_nonce
-
-TIE_MARGIN = 1e-4  # relative to the largest |logit|: greedy ties within this are accepted
-CDF_TOLERANCE = 1e-6  # a sampled uniform this close to its token's interval is accepted
-
+from .verify.tokens import check_call
 
 def audited_model(contract: Contract, trace: str | Path | None, work: Path) -> tuple[Any, str | None]:
     """The model the client audited: the trace's final state, or the contract's base model."""
@@ -69,89 +66,6 @@ def _same_setting(want: Any, have: Any) -> bool:
     if isinstance(have, str):  # committed floats are hex
         have = D.decode_float(have)
     return want == have or (isinstance(want, (int, float)) and isinstance(have, float) and float(want) == have)
-
-
-def _teacher_forced(model: Any, tensors: Mapping[str, torch.Tensor], rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One forward pass over every row's prompt + output (right-padded): per row the final hidden
-    states and logits at the positions that produced each output token."""
-    seqs = [torch.cat([tensors[f"prompt.{r}"], tensors[f"output.{r}"]]) for r in range(rows)]
-    width = max(len(x) for x in seqs)
-    ids = torch.zeros(rows, width, dtype=torch.int64)
-    mask = torch.zeros(rows, width, dtype=torch.int64)
-    for r, x in enumerate(seqs):
-        ids[r, : len(x)], mask[r, : len(x)] = x, 1
-    hidden: list[torch.Tensor] = []
-    handle = model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: hidden.append(a[0].detach()))
-    try:
-        with torch.no_grad():  # on the model's device (e.g. a GPU); the checks run on the CPU
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
-    finally:
-        handle.remove()
-    h = hidden[-1].float().cpu()
-    out = []
-    for r in range(rows):
-        p, n = len(tensors[f"prompt.{r}"]), len(tensors[f"output.{r}"])
-        out.append((h[r, p - 1 : p - 1 + n], logits[r, p - 1 : p - 1 + n]))
-    return out
-
-
-def check_call(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], rtol: float) -> list[CallResult]:
-    """Teacher-force every row of a call and check activations and every token's decoding."""
-    rows, call = record["rows"], record["call"]
-    bad = [r for r in range(rows) if not len(tensors[f"prompt.{r}"]) or not len(tensors[f"output.{r}"])]
-    if bad:
-        return [CallResult(call, r, False, 0, 0.0, "empty prompt or output") for r in bad]
-    forward = _teacher_forced(model, tensors, rows)
-    return [check_row(record, tensors, r, h, logits, rtol) for r, (h, logits) in enumerate(forward)]
-
-
-def check_row(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], row: int, h: torch.Tensor,
-              logits: torch.Tensor, rtol: float) -> CallResult:  # fmt: skip
-    """Check one row against its recomputed hidden states ``h`` and logits (one per output token)."""
-    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    cfg, call = record["config"], record["call"]
-    prompt, output = tensors[f"prompt.{row}"], tensors[f"output.{row}"]
-    idx, val = tensors[f"act_index.{row}"].long(), tensors[f"act_value.{row}"]
-    n, p = len(output), len(prompt)
-    if output[-1] != cfg["eos_token_id"] and n != cfg["max_new_tokens"] or n > cfg["max_new_tokens"]:
-        return CallResult(call, row, False, n, 0.0, "output length inconsistent with eos/max_new_tokens")
-    if idx.max() >= h.shape[-1] or idx.min() < 0:
-        return CallResult(call, row, False, n, 0.0, "activation index out of range")
-    got = h.gather(-1, idx[:, None])[:, 0]
-    top = h.abs().max(-1).values
-    err = float(((got - val).abs() / val.abs().clamp_min(1e-6)).max())
-    if err > rtol or bool((got.abs() < top - rtol * top).any()):
-        return CallResult(call, row, False, n, err, f"activations differ (max relative error {err:.2e} > {rtol:.0e})")
-    seed = bytes.fromhex(record["seed"]) if record["seed"] else None
-    if cfg["do_sample"] and seed is None:
-        return CallResult(call, row, False, n, err, "sampled call without a seed")
-    ids = torch.cat([prompt, output])[None]
-    scores = logits.clone()
-    if cfg["repetition_penalty"] is not None and D.decode_float(cfg["repetition_penalty"]) != 1.0:
-        penalty = RepetitionPenaltyLogitsProcessor(D.decode_float(cfg["repetition_penalty"]))
-        scores = torch.cat([penalty(ids[:, : p + t], scores[t : t + 1]) for t in range(n)])
-    if cfg["min_new_tokens"]:
-        eos = MinNewTokensLengthLogitsProcessor(p, cfg["min_new_tokens"], cfg["eos_token_id"])
-        scores = torch.cat([eos(ids[:, : p + t], scores[t : t + 1]) for t in range(min(n, cfg["min_new_tokens"]))]
-                           + [scores[cfg["min_new_tokens"] :]])  # fmt: skip
-    chosen = output[:, None]
-    if not cfg["do_sample"]:
-        best = scores.max(-1).values
-        margin = TIE_MARGIN * best.abs().clamp_min(1.0)
-        wrong = (scores.gather(-1, chosen)[:, 0] < best - margin).nonzero()
-        if len(wrong):
-            return CallResult(call, row, False, n, err, f"token {int(wrong[0, 0])} is not the greedy choice")
-        return CallResult(call, row, True, n, err)
-    cdf = sampling_cdf(scores, ids[:, :p].expand(n, -1), cfg)
-    u = torch.tensor([D.uniform(seed, row, t) for t in range(n)], dtype=cdf.dtype) * cdf[:, -1]
-    hi = cdf.gather(-1, chosen)[:, 0]
-    lo = torch.where(chosen[:, 0] > 0, cdf.gather(-1, (chosen - 1).clamp_min(0))[:, 0], torch.zeros_like(hi))
-    outside = (u < lo - CDF_TOLERANCE) | (u > hi + CDF_TOLERANCE) | ((hi - lo <= 0) & ((u - lo).abs() > CDF_TOLERANCE))
-    wrong = outside.nonzero()
-    if len(wrong):
-        return CallResult(call, row, False, n, err, f"token {int(wrong[0, 0])} does not follow from the committed sampling")
-    return CallResult(call, row, True, n, err)
 
 
 def verify_inference(
