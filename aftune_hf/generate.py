@@ -1,9 +1,9 @@
 """Committed inference: a wrapped ``model.generate`` that appends a verifiable record per call.
 
 For each call it commits the prompt and output tokens of every row, the decoding settings that
-change the output, digests of the weights that served it, and per generated token the position
-and value of the largest-magnitude entry of the final hidden state (8 bytes per token, 256 bytes
-per 32 tokens). Greedy calls are untouched. Sampled calls draw each token by inverse-CDF from a
+change the output, digests of the weights that served it, and per generated token the value of
+the largest-magnitude entry of the final hidden state (4 bytes per token, 128 bytes per 32
+tokens; the verifier finds the entry itself). Greedy calls are untouched. Sampled calls draw each token by inverse-CDF from a
 uniform derived from a committed seed (:func:`aftune_hf.digest.uniform`) over the distribution
 ``generate`` itself would sample from (same processors and warpers, same order), so a verifier
 can check every sampled token, not only greedy ones.
@@ -155,14 +155,12 @@ def wrap_generate(model: Any, log: InferenceLogWriter | str | Path) -> Any:
     weights = served_weights(model)
     head = unwrap(model).get_output_embeddings()
     original = model.generate
-    state: dict[str, Any] = {"active": False, "index": [], "value": []}
+    state: dict[str, Any] = {"active": False, "value": []}
 
     def capture(_module: Any, args: tuple) -> None:
         if state["active"]:
             h = args[0][:, -1, :].detach().float()
-            idx = h.abs().argmax(-1)
-            state["index"].append(idx.to(torch.int32).cpu())
-            state["value"].append(h.gather(-1, idx[:, None])[:, 0].cpu())
+            state["value"].append(h.gather(-1, h.abs().argmax(-1, keepdim=True))[:, 0].cpu())
 
     head.register_forward_pre_hook(capture)
 
@@ -184,21 +182,19 @@ def wrap_generate(model: Any, log: InferenceLogWriter | str | Path) -> Any:
 
             call_kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None,
                                logits_processor=LogitsProcessorList([sampler]))  # fmt: skip
-        state.update(active=True, index=[], value=[])
+        state.update(active=True, value=[])
         try:
             out = original(*args, **call_kwargs)
         finally:
             state["active"] = False
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         new = sequences[:, input_ids.shape[1] :].cpu()
-        index = torch.stack(state["index"], 1) if state["index"] else torch.zeros(len(new), 0, dtype=torch.int32)
         value = torch.stack(state["value"], 1) if state["value"] else torch.zeros(len(new), 0)
         tensors = {}
         for r in range(new.shape[0]):
             length = _output_length(new[r], config["eos_token_id"])
             tensors[f"prompt.{r}"] = input_ids[r][mask[r].bool()].cpu().to(torch.int64)
             tensors[f"output.{r}"] = new[r, :length].to(torch.int64).contiguous()
-            tensors[f"act_index.{r}"] = index[r, :length].contiguous()
             tensors[f"act_value.{r}"] = value[r, :length].contiguous()
         writer.append(tensors, rows=new.shape[0], config=config, weights=weights, seed=seed)
         return out

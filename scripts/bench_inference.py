@@ -77,8 +77,7 @@ def main() -> int:
     integrity = reader.check_integrity()
     entry = integrity.entries[-1]
     tensors = reader.call_tensors(entry)
-    act = sum(tensors[f"act_{k}.{r}"].numel() * tensors[f"act_{k}.{r}"].element_size()
-              for r in range(entry.record["rows"]) for k in ("index", "value"))  # fmt: skip
+    act = sum(tensors[f"act_value.{r}"].numel() * tensors[f"act_value.{r}"].element_size() for r in range(entry.record["rows"]))
     tokens = sum(tensors[f"output.{r}"].numel() for r in range(entry.record["rows"]))
     files = sum(p.stat().st_size for p in (work / "log").rglob("*") if p.is_file())
     print(f"activation commitment: {act / tokens * 32:.0f} bytes per 32 generated tokens "

@@ -91,7 +91,7 @@ def score_log(model: Any, log: Path) -> dict[str, torch.Tensor]:
     """Per token of every row of every call in ``log``, rows concatenated: ``score``, ``ok`` (follows
     from the committed decoding), ``act_ok`` (its activation commitment matches within RTOL)."""
     from aftune_hf.trace.inference import InferenceLogReader
-    from aftune_hf.verify.tokens import processed_scores, teacher_forced, token_scores
+    from aftune_hf.verify.tokens import activation_errors, processed_scores, teacher_forced, token_scores
 
     reader = InferenceLogReader(log)
     out: dict[str, list[torch.Tensor]] = {"score": [], "ok": [], "act_ok": []}
@@ -102,10 +102,7 @@ def score_log(model: Any, log: Path) -> dict[str, torch.Tensor]:
             prompt_ids, output = tensors[f"prompt.{r}"], tensors[f"output.{r}"]
             score, ok = token_scores(processed_scores(logits, prompt_ids, output, rec["config"]), prompt_ids, output,
                                      rec["config"], seed, r)  # fmt: skip
-            idx, val = tensors[f"act_index.{r}"].long(), tensors[f"act_value.{r}"]
-            got = h.gather(-1, idx[:, None])[:, 0]
-            top = h.abs().max(-1).values
-            act_ok = ((got - val).abs() <= RTOL * val.abs().clamp_min(1e-6)) & (got.abs() >= top - RTOL * top)
+            act_ok = activation_errors(h, tensors[f"act_value.{r}"], RTOL) <= RTOL
             for key, value in (("score", score), ("ok", ok), ("act_ok", act_ok)):
                 out[key].append(value)
     return {k: torch.cat(v) for k, v in out.items()}

@@ -71,8 +71,8 @@ def test_vectorised_processors_equal_transformers_one_position_at_a_time():
 # Per-token rates at which each serving emits a token that does not follow from the committed
 # sampling (temperature 0.8, top_p 0.95), measured by scripts/detection_curves.py over 8192 tokens
 # each (docs/INFERENCE.md; the honest baseline on another kernel path: 0 of 8192).
-MEASURED_OFF_RATE = {"swap": 8150 / 8192, "bf16": 249 / 8192, "fp16": 147 / 8192, "int8": 549 / 8192,
-                     "kv_bf16": 56 / 8192, "kv_fp16": 7 / 8192, "temperature": 1361 / 8192, "top_p": 576 / 8192}  # fmt: skip
+MEASURED_OFF_RATE = {"swap": 8162 / 8192, "bf16": 281 / 8192, "fp16": 157 / 8192, "int8": 578 / 8192,
+                     "kv_bf16": 55 / 8192, "kv_fp16": 6 / 8192, "temperature": 1294 / 8192, "top_p": 544 / 8192}  # fmt: skip
 
 
 def _lower_bound(expected: float) -> int:
@@ -84,7 +84,7 @@ def _lower_bound(expected: float) -> int:
 def test_the_token_score_separates_honest_serving_from_each_cheaper_serving(tmp_path):
     """16 rows x 128 sampled tokens per serving, scored with the audited model: honest serving
     scores exactly 0 on every token; each cheaper serving has at least the off tokens its measured
-    rate implies, and where the token score cannot see it at this budget (fp16 KV cache: 7 in
+    rate implies, and where the token score cannot see it at this budget (fp16 KV cache: 6 in
     8192 measured) the activation commitment does."""
     import transformers
 

@@ -29,7 +29,8 @@ from .writer import _Lock
 
 LOG_FORMAT = "aftune-inference"
 LOG_HEADER, CALLS = "inference_log.json", "calls.jsonl"
-_ROW_TENSORS = ("prompt", "output", "act_index", "act_value")
+LOG_VERSION = 2  # 2: one activation value per token, no index (version 1 also committed the index)
+_ROW_TENSORS = ("prompt", "output", "act_value")
 _ROOT_KEYS = {"format", "format_version", "run_id", "num_calls", "chain_head", "records_root", "log_root"}
 _HEADER_KEYS = {"format", "format_version", "run_id", "environment"}
 
@@ -65,7 +66,7 @@ class InferenceLogWriter:
             if good != data:
                 atomic_write_bytes(self.root / CALLS, good)
         else:
-            self.header = {"format": LOG_FORMAT, "format_version": 1, "run_id": run_id or uuid.uuid4().hex,
+            self.header = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "run_id": run_id or uuid.uuid4().hex,
                            "environment": environment()}  # fmt: skip
             atomic_write_bytes(self.root / LOG_HEADER, D.canonical_json(self.header))
             self.entries = []
@@ -85,7 +86,7 @@ class InferenceLogWriter:
 
     def publish(self) -> dict[str, Any]:
         """Write a root covering every call so far; returns it (publish ``log_root`` to the client)."""
-        fields = {"format": LOG_FORMAT, "format_version": 1, "run_id": self.header["run_id"],
+        fields = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "run_id": self.header["run_id"],
                   "num_calls": len(self.entries), "chain_head": self._head.hex(),
                   "records_root": D.RECORD_TREE.root_from_hashes([e.leaf for e in self.entries]).hex()}  # fmt: skip
         root = {**fields, "log_root": D.trace_root(fields).hex()}
@@ -122,8 +123,8 @@ class InferenceLogReader:
             raise ManifestMismatchError("missing_file", "not an inference log", path=LOG_HEADER)
         header = read_json(self.root, LOG_HEADER, self.limits)
         if not isinstance(header, dict) or set(header) != _HEADER_KEYS or header["format"] != LOG_FORMAT \
-                or header["format_version"] != 1 or not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", str(header["run_id"])):  # fmt: skip
-            raise TraceFormatError("format_version", "not a version-1 inference log header", path=LOG_HEADER)
+                or header["format_version"] != LOG_VERSION or not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", str(header["run_id"])):  # fmt: skip
+            raise TraceFormatError("format_version", f"not a version-{LOG_VERSION} inference log header", path=LOG_HEADER)
         data = read_regular_file(self.root, CALLS, max_bytes=self.limits.max_chain_bytes)
         entries = parse_chain(data, log_chain_start(header["run_id"]), CALLS)
         if any(e.record["kind"] != "call" for e in entries):
@@ -143,7 +144,7 @@ class InferenceLogReader:
             raise CommitmentError("root_mismatch", f"root covers {n} of {len(entries)} calls", path=roots[-1])
         covered = entries[:n]
         fields = {k: v for k, v in root.items() if k != "log_root"}
-        expect = {"format": LOG_FORMAT, "format_version": 1, "run_id": header["run_id"], "num_calls": n,
+        expect = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "run_id": header["run_id"], "num_calls": n,
                   "chain_head": covered[-1].chain.hex(),
                   "records_root": D.RECORD_TREE.root_from_hashes([e.leaf for e in covered]).hex()}  # fmt: skip
         if fields != expect or root["log_root"] != D.trace_root(fields).hex():
@@ -165,11 +166,9 @@ class InferenceLogReader:
         if set(tensors) != want:
             raise ManifestMismatchError("tensor_schema", "call tensors do not match the row layout", path=rel)
         for r in range(rows):
-            out, idx, val = tensors[f"output.{r}"], tensors[f"act_index.{r}"], tensors[f"act_value.{r}"]
-            ok = (tensors[f"prompt.{r}"].dim() == out.dim() == idx.dim() == val.dim() == 1
-                  and idx.shape == val.shape and idx.shape[0] == out.shape[0]
-                  and str(out.dtype) == "torch.int64" and str(idx.dtype) == "torch.int32"
-                  and str(val.dtype) == "torch.float32")  # fmt: skip
+            out, val = tensors[f"output.{r}"], tensors[f"act_value.{r}"]
+            ok = (tensors[f"prompt.{r}"].dim() == out.dim() == val.dim() == 1 and val.shape[0] == out.shape[0]
+                  and str(out.dtype) == "torch.int64" and str(val.dtype) == "torch.float32")  # fmt: skip
             if not ok:
                 raise ManifestMismatchError("tensor_schema", f"row {r} tensors have the wrong shape or dtype", path=rel)
         return tensors
