@@ -205,7 +205,7 @@ class ShardedResume:
     from :func:`materialize_checkpoint`'s files, not from the FSDP checkpoint formats the Trainer
     would look for. The weights were copied in before the model was sharded (FSDP2 then cuts every
     rank's rows from them, as the recorded run's); the optimizer state is cut into each parameter's
-    ``DTensor`` shard here; the scheduler loads as usual.
+    ``DTensor`` shard here (:func:`shard_like`); the scheduler loads as usual.
     """
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:  # noqa: D102
@@ -223,21 +223,21 @@ class ShardedResume:
 
 
 def shard_like(value: Any, param: Any) -> Any:
-    """``value`` (a whole tensor shaped as ``param``'s global shape) as this rank's ``DTensor`` shard
-    of it, placed as ``param``; a 0-dim value (a step counter) or a plain parameter's value as it is."""
-    from torch.distributed.tensor import DTensor
+    """A whole optimizer-state tensor as this rank's dim-0 ``DTensor`` shard of it on ``param``'s mesh:
+    how the recorder took it (every recorded state tensor with a dimension is such a shard, e.g.
+    Adam's moments, shaped as the parameter, or a factored row statistic); a 0-dim value (a step
+    counter) or a plain parameter's value as it is."""
+    from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     from .sharded_digest import shard_rows
 
-    if tuple(value.shape) != tuple(param.shape):
-        raise ReplayMismatchError("optimizer_mismatch", f"optimizer state {tuple(value.shape)} for a parameter "
-                                  f"of {tuple(param.shape)}")  # fmt: skip
     mesh = param.device_mesh
     a, b = shard_rows(int(value.shape[0]), mesh.size(), mesh.get_local_rank())
     local = value[a:b].to(param.device, copy=True).contiguous()
-    return DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=value.shape,
+                              stride=torch.empty(value.shape, device="meta").stride())  # fmt: skip
 
 
 def by_rank(batches: list[bytes], world_size: int) -> list[list[bytes]]:
