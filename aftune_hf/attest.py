@@ -140,7 +140,7 @@ def _signed(directory: Path) -> dict[str, Any]:
 def _latest_root(directory: Path) -> Mapping[str, Any]:
     if (directory / ROOT).is_file():
         return json.loads((directory / ROOT).read_text(encoding="utf-8"))
-    roots = sorted((directory / "roots").glob("root-*.json")) if (directory / "roots").is_dir() else []
+    roots = sorted((directory / "roots").glob("*/root-*.json")) if (directory / "roots").is_dir() else []
     if not roots:
         raise ConfigError("not_sealed", "no root to sign: finish the trace (or publish an inference root) first",
                           path=str(directory))  # fmt: skip

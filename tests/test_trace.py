@@ -461,3 +461,27 @@ def test_a_lazy_reader_refuses_an_oversized_listing_before_downloading(tmp_path)
     assert remote.asked == []
     with pytest.raises(UnsafeContentError, match="pickle_not_allowed"):
         TraceReader(remote=Listing({HEADER: 10, "anchors/x.pt": 10}))
+
+
+def test_an_inference_log_keeps_at_most_1000_calls_or_roots_per_folder(tmp_path):
+    """Call and root files sit in folders of 1 000 (the Hub's per-folder advice is ~10 000 entries):
+    1 001 calls and two published roots read back whole, the newest root checked."""
+    from aftune_hf.trace.inference import InferenceLogReader, InferenceLogWriter, call_path, root_path
+
+    log = InferenceLogWriter(tmp_path / "log")
+    config = {**dict.fromkeys(R.CALL_CONFIG_KEYS), "do_sample": False, "eos_token_id": 2, "max_new_tokens": 1}
+    weights = {"params": "00" * 32, "model": "00" * 32, "adapter": None}
+    row = {"prompt.0": torch.tensor([5, 6]), "output.0": torch.tensor([2]), "act_value.0": torch.tensor([0.5])}
+    for n in range(1, 1002):
+        log.append(row, rows=1, config=config, weights=weights, seed=None)
+        if n in (999, 1001):
+            log.publish()
+    log.close()
+    folders = {p.parent.relative_to(tmp_path / "log").as_posix() for p in (tmp_path / "log").rglob("*.*") if p.parent.name != "log"}
+    assert folders == {"calls/00000", "calls/00001", "roots/00000", "roots/00001"}
+    assert [len(list((tmp_path / "log" / f).iterdir())) for f in sorted(folders)] == [999, 2, 1, 1]  # calls 1-999, 1000-1001; roots
+    assert call_path(999).startswith("calls/00000/") and call_path(1000).startswith("calls/00001/")
+    reader = InferenceLogReader(tmp_path / "log")
+    integrity = reader.check_integrity()
+    assert integrity.num_calls == 1001 and (tmp_path / "log" / root_path(1001)).exists()
+    assert reader.call_tensors(integrity.entries[-1])["act_value.0"].tolist() == [0.5]

@@ -2,10 +2,13 @@
 
 Layout (docs/FORMAT.md §7)::
 
-    inference_log.json                   header: format, run id, environment
-    calls.jsonl                          chained call records (same chain rules as a trace)
-    calls/call-00000001.safetensors      prompt / output tokens and activation commitments per row
-    roots/root-00000003.json             a published root covering calls 1..3
+    inference_log.json                         header: format, run id, environment
+    calls.jsonl                                chained call records (same chain rules as a trace)
+    calls/00000/call-00000001.safetensors      prompt / output tokens and activation commitments per row
+    roots/00000/root-00000003.json             a published root covering calls 1..3
+
+Call and root files sit in folders of 1 000 (call or root number // 1000), as a trace's steps do:
+the Hub advises at most ~10 000 entries per folder.
 
 A call is checkable once a published root covers it.
 """
@@ -24,23 +27,23 @@ from .. import digest as D
 from .. import records as R
 from ..errors import CommitmentError, ManifestMismatchError, TraceFormatError
 from ..safeio import append_durable, atomic_save_safetensors, atomic_write_bytes, parse_safetensors, read_regular_file
-from .layout import LOCK, SIGNATURE, Limits, environment, parse_chain, read_json, scan_files
+from .layout import LOCK, SHARD_STEPS, SIGNATURE, Limits, environment, parse_chain, read_json, scan_files
 from .writer import _Lock
 
 LOG_FORMAT = "aftune-inference"
 LOG_HEADER, CALLS = "inference_log.json", "calls.jsonl"
-LOG_VERSION = 2  # 2: one activation value per token, no index (version 1 also committed the index)
+LOG_VERSION = 2  # 2: one activation value per token, call and root files in folders of 1 000 (1: index too, flat folders)
 _ROW_TENSORS = ("prompt", "output", "act_value")
 _ROOT_KEYS = {"format", "format_version", "run_id", "num_calls", "chain_head", "records_root", "log_root"}
 _HEADER_KEYS = {"format", "format_version", "run_id", "environment"}
 
 
 def call_path(call: int) -> str:
-    return f"calls/call-{call:08d}.safetensors"
+    return f"calls/{call // SHARD_STEPS:05d}/call-{call:08d}.safetensors"
 
 
 def root_path(num_calls: int) -> str:
-    return f"roots/root-{num_calls:08d}.json"
+    return f"roots/{num_calls // SHARD_STEPS:05d}/root-{num_calls:08d}.json"
 
 
 def log_chain_start(run_id: str) -> bytes:
@@ -75,7 +78,7 @@ class InferenceLogWriter:
     def append(self, tensors: Mapping[str, Any], **fields: Any) -> R.ChainEntry:
         """Write the call's tensors, then commit its record (``fields`` as :func:`records.call_record`)."""
         call = len(self.entries) + 1
-        (self.root / "calls").mkdir(exist_ok=True)
+        (self.root / call_path(call)).parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(self.root / call_path(call), tensors, {"format": "pt"})
         record = R.call_record(call=call, tensors=D.state_digest(tensors), **fields)
         entry = R.link(self._head, call, record)
@@ -90,7 +93,7 @@ class InferenceLogWriter:
                   "num_calls": len(self.entries), "chain_head": self._head.hex(),
                   "records_root": D.RECORD_TREE.root_from_hashes([e.leaf for e in self.entries]).hex()}  # fmt: skip
         root = {**fields, "log_root": D.trace_root(fields).hex()}
-        (self.root / "roots").mkdir(exist_ok=True)
+        (self.root / root_path(len(self.entries))).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / root_path(len(self.entries)), D.canonical_json(root))
         return root
 
