@@ -190,6 +190,25 @@ def test_log_committing_an_edited_token_fails(audited, tmp_path):
     assert "token 10" in report.failures[0].reason or "activations" in report.failures[0].reason
 
 
+@pytest.mark.parametrize("token", [10**6, -3])
+def test_a_committed_token_outside_the_vocabulary_fails_not_crashes(audited, tmp_path, token):
+    """Ids the model cannot embed are the provider's fault: FAIL naming the call, never a crash or ERROR."""
+    contract, trace, _ = audited
+    model = served_model(audited)
+    original = model.generate
+
+    def edited(*a, **k):
+        out = original(*a, **k).clone()
+        out[1, -5] = token
+        return out
+
+    model.generate = edited
+    serve(model, tmp_path / "log")
+    report = verify_inference(tmp_path / "log", contract, trace=trace, nonce="0505050505050505")
+    assert report.verdict == "FAIL" and report.failures[0].step == 1, report.summary()
+    assert "outside the model's vocabulary" in report.failures[0].reason
+
+
 def test_tampered_log_file_fails(audited, tmp_path):
     contract, trace, _ = audited
     serve(served_model(audited), tmp_path / "log")

@@ -127,14 +127,14 @@ def token_scores(scores: torch.Tensor, prompt: torch.Tensor, output: torch.Tenso
         margin = TIE_MARGIN * best.abs().clamp_min(1.0)
         ok = scores.gather(-1, chosen)[:, 0] >= best - margin
         probs = torch.softmax(scores.double(), -1)
-        return (probs.max(-1).values - probs.gather(-1, chosen)[:, 0]).float(), ok
+        return torch.nan_to_num(probs.max(-1).values - probs.gather(-1, chosen)[:, 0], nan=1.0).float(), ok
     ids = torch.cat([prompt, output])[None]
     cdf = sampling_cdf(scores, ids[:, : len(prompt)].expand(n, -1), cfg)
     u = torch.tensor([D.uniform(seed, row, t) for t in range(n)], dtype=cdf.dtype) * cdf[:, -1]
     hi = cdf.gather(-1, chosen)[:, 0]
     lo = torch.where(chosen[:, 0] > 0, cdf.gather(-1, (chosen - 1).clamp_min(0))[:, 0], torch.zeros_like(hi))
     off = torch.clamp(torch.maximum(lo - u, u - hi), min=0.0)  # a removed token (lo == hi): |u - lo|
-    return off.float(), off <= CDF_TOLERANCE  # NaN scores never pass
+    return torch.nan_to_num(off, nan=1.0).float(), off <= CDF_TOLERANCE  # NaN (scores NaN): never passes, scores 1
 
 
 def check_row(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], row: int, h: torch.Tensor,
@@ -166,5 +166,10 @@ def check_call(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torc
     bad = [r for r in range(rows) if not len(tensors[f"prompt.{r}"]) or not len(tensors[f"output.{r}"])]
     if bad:
         return [CallResult(call, r, False, 0, 0.0, "empty prompt or output") for r in bad]
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = [r for r in range(rows) for ids in (tensors[f"prompt.{r}"], tensors[f"output.{r}"]) if ids.min() < 0 or ids.max() >= vocab]
+    if bad:  # the model could not have read or emitted these ids (and embedding them would raise)
+        return [CallResult(call, r, False, len(tensors[f"output.{r}"]), 0.0, f"token ids outside the model's vocabulary of {vocab}")
+                for r in sorted(set(bad))]  # fmt: skip
     forward = teacher_forced(model, tensors, rows)
     return [check_row(record, tensors, r, h, logits, rtol) for r, (h, logits) in enumerate(forward)]
