@@ -96,7 +96,7 @@ def warpers(config: Mapping[str, Any]) -> list[Any]:
 
 
 def sampling_cdf(scores: torch.Tensor, input_ids: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    """Cumulative distribution (float64, one row) after the warpers, from processed scores."""
+    """Cumulative distribution (float64, per row) after the warpers, from processed scores."""
     s = scores.float()
     for w in warpers(config):
         s = w(input_ids, s)
@@ -111,13 +111,11 @@ class _InverseCdfSampler:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         position = input_ids.shape[1] - self.prompt_len
-        out = torch.full_like(scores, float("-inf"))
-        for row in range(scores.shape[0]):
-            cdf = sampling_cdf(scores[row : row + 1], input_ids[row : row + 1], self.config)[0]
-            u = D.uniform(self.seed, row, position) * float(cdf[-1])
-            token = min(int(torch.searchsorted(cdf, torch.tensor(u, dtype=cdf.dtype, device=cdf.device), right=True)), cdf.shape[0] - 1)
-            out[row, token] = 0.0
-        return out
+        cdf = sampling_cdf(scores, input_ids, self.config)  # every row at once (the warpers work per row)
+        u = torch.tensor([D.uniform(self.seed, row, position) for row in range(scores.shape[0])], dtype=cdf.dtype,
+                         device=cdf.device)[:, None] * cdf[:, -1:]  # fmt: skip
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
 def served_weights(model: Any) -> dict[str, str | None]:
