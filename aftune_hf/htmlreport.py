@@ -155,9 +155,10 @@ def _curves(r: VerificationReport) -> str:
 
 
 def _calls(r: VerificationReport) -> str:
-    rows = [(str(c.call), str(c.row), _status(c.ok), str(c.tokens), f"{c.max_activation_error:.1e}", escape(c.detail))
-            for c in r.calls]  # fmt: skip
-    return "<h2>Inference calls</h2>" + _table(["call", "row", "result", "tokens", "max activation error", "note"], rows)
+    rows = [(str(c.call), str(c.row), _status(c.ok), str(c.tokens), f"{c.max_activation_error:.1e}", f"{c.token_score:.1e}",
+             str(c.tokens_off), escape(c.detail)) for c in r.calls]  # fmt: skip
+    head = ["call", "row", "result", "tokens", "max activation error", "token score", "tokens off", "note"]
+    return "<h2>Inference calls</h2>" + _table(head, rows)
 
 
 # --- small pieces ------------------------------------------------------------------------------------
