@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from .. import digest as D
 from ..generate import sampling_cdf
 from ..report import CallResult
+from . import fastmath
 
 TIE_MARGIN = 1e-4  # relative to the largest |logit|: greedy ties within this are accepted
 CDF_TOLERANCE = 1e-6  # a sampled uniform this close to its token's interval is accepted
@@ -60,8 +62,10 @@ def length_groups(lengths: Sequence[int], overhead: int = GROUP_OVERHEAD) -> lis
     return groups[::-1]
 
 
-def teacher_forced(model: Any, tensors: Mapping[str, torch.Tensor], rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per row: the final hidden states and logits at the positions that chose each output token."""
+def teacher_forced(model: Any, tensors: Mapping[str, torch.Tensor], rows: int,
+                   fast: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Per row: the final hidden states and logits at the positions that chose each output token;
+    ``fast``: float32 CPU linear layers on oneDNN's kernel (:mod:`.fastmath`)."""
     seqs = [torch.cat([tensors[f"prompt.{r}"], tensors[f"output.{r}"][:-1]]) for r in range(rows)]
     head = model.get_output_embeddings()
     out: list[Any] = [None] * rows
@@ -74,7 +78,7 @@ def teacher_forced(model: Any, tensors: Mapping[str, torch.Tensor], rows: int) -
         hidden: list[torch.Tensor] = []
         handle = head.register_forward_pre_hook(lambda _m, a: hidden.append(a[0].detach()))
         try:
-            with torch.inference_mode():  # on the model's device (e.g. a GPU); the checks run on the CPU
+            with torch.inference_mode(), fastmath.OneDnnLinear() if fast else contextlib.nullcontext():  # on the model's device (e.g. a GPU); the checks run on the CPU
                 padded = {"attention_mask": mask.to(model.device)} if not bool(mask.all()) else {}  # else: causal only
                 logits = model(input_ids=ids.to(model.device), **padded).logits.float().cpu()
         finally:
@@ -161,7 +165,8 @@ def check_row(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], ro
 
 
 def check_call(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], rtol: float) -> list[CallResult]:
-    """Teacher-force every row of a call and check activations and every token's decoding."""
+    """Teacher-force every row of a call and check activations and every token's decoding (on the CPU
+    first with oneDNN's float32 linear kernel; a call that fails that is checked again without it)."""
     rows, call = record["rows"], record["call"]
     bad = [r for r in range(rows) if not len(tensors[f"prompt.{r}"]) or not len(tensors[f"output.{r}"])]
     if bad:
@@ -171,5 +176,11 @@ def check_call(model: Any, record: Mapping[str, Any], tensors: Mapping[str, torc
     if bad:  # the model could not have read or emitted these ids (and embedding them would raise)
         return [CallResult(call, r, False, len(tensors[f"output.{r}"]), 0.0, f"token ids outside the model's vocabulary of {vocab}")
                 for r in sorted(set(bad))]  # fmt: skip
-    forward = teacher_forced(model, tensors, rows)
-    return [check_row(record, tensors, r, h, logits, rtol) for r, (h, logits) in enumerate(forward)]
+
+    def checked(fast: bool) -> list[CallResult]:
+        forward = teacher_forced(model, tensors, rows, fast)
+        return [check_row(record, tensors, r, h, logits, rtol) for r, (h, logits) in enumerate(forward)]
+
+    fast = fastmath.available() and model.device.type == "cpu"
+    results = checked(fast)
+    return checked(False) if fast and not all(res.ok for res in results) else results  # a FAIL is the default kernels'
