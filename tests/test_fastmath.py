@@ -47,6 +47,10 @@ def test_float32_linear_layers_run_on_onednn_with_float32_accuracy(calls):
             fast = model(input_ids=ids).logits
     assert calls["n"] == 2 * 7 + 1  # q k v o gate up down per layer, and the head
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    x, w = torch.randn(5, 64), torch.randn(8, 64)
+    with torch.inference_mode(), fastmath.OneDnnLinear():  # called with keywords, too
+        assert torch.allclose(torch.nn.functional.linear(input=x, weight=w), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert calls["n"] == 2 * 7 + 2
     calls["n"] = 0
     with fastmath.OneDnnLinear():  # autograd on, or another dtype: left to torch
         model(input_ids=ids).logits.sum().backward()

@@ -6,7 +6,7 @@ on some CPUs (AMD EPYC, measured: docs/INFERENCE.md) is ~2.3x slower than oneDNN
 -- float32 in, float32 arithmetic, float32 out (oneDNN's default math mode: never bf16) -- so it
 only changes the order of summation, as another kernel path does. Anything else (other dtypes,
 other devices, ``addmm`` layers such as GPT-2's ``Conv1D``) runs unchanged. The verifier treats
-it as a fast first pass: a row that fails it is checked again without it (``tokens.check_call``).
+it as a fast first pass: a call any row of which fails it is checked again without it (``tokens.check_call``).
 
 Example:
     >>> with OneDnnLinear():                                  # doctest: +SKIP
@@ -33,13 +33,19 @@ class OneDnnLinear(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if not torch.is_grad_enabled() and w.dim() == 2 and x.dim() >= 2 and x.shape[-1] == w.shape[1] \
-                    and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (x, w, b)):  # fmt: skip
+            if _routable(x, w, b):
                 return onednn_linear(x, w, b)
         return func(*args, **kwargs)
 
+
+def _routable(x: Any, w: Any, b: Any) -> bool:
+    """float32 CPU tensors of a plain linear layer, no autograd."""
+    tensors = (x, w) if b is None else (x, w, b)
+    return (all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_grad_enabled() and w.dim() == 2 and x.dim() >= 2 and x.shape[-1] == w.shape[1])  # fmt: skip
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x @ w.T + b`` on oneDNN's float32 kernel (no post-op, default math mode: float32 throughout)."""
