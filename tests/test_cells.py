@@ -11,60 +11,82 @@ import transformers
 from aftune_hf.cells.execute import block_model, decoder_layers, run_block
 
 
-def tiny(layers: int = 4) -> transformers.PreTrainedModel:
+def tiny(kind: str = "llama", layers: int = 4) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
+    if kind == "gpt2":  # position embeddings before the layers, a head tied to the embeddings, layers returning tuples
+        cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return transformers.GPT2LMHeadModel(cfg)
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     return transformers.LlamaForCausalLM(cfg)
 
 
-def full_step(model, ids, first, last):
-    """The boundary tensors of block ``first..last`` in one ordinary training forward/backward."""
+def full_step(model, ids):
+    """One ordinary training forward/backward: the loss, and per layer its output and the gradient there."""
     _, layers = decoder_layers(model)
     seen = {}
 
-    def pre(_m, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        seen["input"] = x.detach().clone()
-        x.register_hook(lambda g: seen.__setitem__("input_grad", g.clone()))
+    def post(i):
+        def hook(_m, _a, out):
+            out = out[0] if isinstance(out, tuple) else out
+            seen[i] = out.detach().clone()
+            out.register_hook(lambda g: seen.__setitem__(("grad", i), g.clone()))
 
-    def post(_m, _a, out):
-        seen["output"] = out.detach().clone()
-        out.register_hook(lambda g: seen.__setitem__("grad_out", g.clone()))
+        return hook
 
-    hs = [layers[first].register_forward_pre_hook(pre, with_kwargs=True), layers[last - 1].register_forward_hook(post)]
-    model(input_ids=ids, labels=ids).loss.backward()
+    hs = [layer.register_forward_hook(post(i)) for i, layer in enumerate(layers)]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     for h in hs:
         h.remove()
+    seen["loss"] = loss.detach()
     return seen
 
 
-@pytest.mark.parametrize("first,last", [(1, 3), (0, 1), (2, 4)])
-def test_a_block_reexecuted_alone_matches_the_full_step_bit_for_bit(first, last):
-    model = tiny()
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("cuts", [[0, 1, 3, 4], [0, 4], [0, 2, 4]])
+def test_each_block_reexecuted_alone_matches_the_full_step_bit_for_bit(kind, cuts):
+    model = tiny(kind)
     ids = torch.randint(0, 96, (2, 12))
-    seen = full_step(model, ids, first, last)
-    cell = block_model(model.config, first, last, model.state_dict())
-    run = run_block(cell, first, last, seen["input"], seen["grad_out"])
-    assert torch.equal(run.output, seen["output"])
-    assert torch.equal(run.input_grad, seen["input_grad"])
-    grads = dict(model.named_parameters())
-    assert run.param_grads and all(torch.equal(g, grads[n].grad) for n, g in run.param_grads.items())
-    held = sum(p.numel() for p in cell.parameters() if p.device.type != "meta")
-    block = sum(p.numel() for n, p in model.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in range(first, last)))
-    assert held == block == sum(g.numel() for g in run.param_grads.values())  # only the block is in memory
+    seen = full_step(model, ids)
+    n = len(decoder_layers(model)[1])
+    full = {name: p.grad for name, p in model.named_parameters(remove_duplicate=False)}
+    summed: dict[str, torch.Tensor] = {}
+    for first, last in zip(cuts, cuts[1:]):
+        cell = block_model(model.config, first, last, model.state_dict())
+        ends = last == n
+        run = run_block(cell, first, last, ids if first == 0 else seen[first - 1],
+                        torch.tensor(1.0) if ends else seen[("grad", last - 1)], **({"labels": ids} if ends else {}))  # fmt: skip
+        assert torch.equal(run.output, seen["loss"] if ends else seen[last - 1])
+        assert (run.input_grad is None) == (first == 0)
+        if first:
+            assert torch.equal(run.input_grad, seen[("grad", first - 1)])
+        held = sum(p.numel() for p in cell.parameters() if p.device.type != "meta")
+        assert held - sum(g.numel() for g in run.param_grads.values()) in (0, 64 * 32)  # the block (+ a zeroed position table)
+        for name, g in run.param_grads.items():
+            summed[name] = summed[name] + g if name in summed else g
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied:  # the head's and the embedding's contributions to one matrix, added as autograd adds them
+        head, emb = "lm_head.weight", "transformer.wte.weight"
+        summed[emb] = summed[emb] + summed.pop(head)
+        full.pop(head)
+    assert summed.keys() == full.keys()
+    assert all(torch.equal(summed[k], full[k]) for k in full), [k for k in full if not torch.equal(summed[k], full[k])]
 
 
 def test_a_nudged_block_or_a_forged_input_is_seen_in_the_output():
     model = tiny()
     ids = torch.randint(0, 96, (2, 12))
-    seen = full_step(model, ids, 1, 3)
+    seen = full_step(model, ids)
     weights = dict(model.state_dict())
     weights["model.layers.2.mlp.down_proj.weight"] = weights["model.layers.2.mlp.down_proj.weight"] + 1e-6
-    assert not torch.equal(run_block(block_model(model.config, 1, 3, weights), 1, 3, seen["input"], seen["grad_out"]).output,
-                           seen["output"])  # fmt: skip
+    assert not torch.equal(run_block(block_model(model.config, 1, 3, weights), 1, 3, seen[0], seen[("grad", 2)]).output, seen[2])
     cell = block_model(model.config, 1, 3, model.state_dict())
-    assert not torch.equal(run_block(cell, 1, 3, seen["input"] * (1 + 1e-6), seen["grad_out"]).output, seen["output"])
+    assert torch.equal(run_block(cell, 1, 3, seen[0], seen[("grad", 2)]).output, seen[2])
+    assert not torch.equal(run_block(cell, 1, 3, seen[0] * (1 + 1e-6), seen[("grad", 2)]).output, seen[2])
+    with pytest.raises(ValueError, match="labels"):
+        run_block(block_model(model.config, 3, 4, model.state_dict()), 3, 4, seen[2], torch.tensor(1.0))
 
 
 def test_a_block_outside_the_model_or_without_its_weights_is_refused():

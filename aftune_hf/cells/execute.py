@@ -4,9 +4,10 @@ A *cell* is (step, block): the block's forward from its input activation and its
 the gradient at its output. :func:`block_model` builds the recipe's model class from its config
 with every parameter outside the block left on the ``meta`` device (buffers such as rotary
 frequencies are built as usual), so memory is one block's share; :func:`run_block` then runs the
-model's own forward with the opened input as ``inputs_embeds`` -- the layers before the block
-pass it through, the forward stops at the block's last layer -- so masks, position embeddings
-and layer arguments are the model's own, whatever its architecture.
+model's own forward: the layers before the block pass through, a hook hands the opened input to
+the block's first layer, the forward stops at its last layer (or, for the last block, runs on to
+the loss) -- so masks, position embeddings and layer arguments are the model's own, whatever
+its architecture (Llama-style and GPT-2-style tested).
 
 Example:
     >>> model = block_model(config, 2, 4, block_weights)                    # doctest: +SKIP
@@ -45,7 +46,7 @@ class CellRun:
     """What re-executing a cell yields: the block's output, the gradient at its input, its parameters' gradients."""
 
     output: torch.Tensor
-    input_grad: torch.Tensor
+    input_grad: torch.Tensor | None
     param_grads: dict[str, torch.Tensor]
 
 
@@ -59,50 +60,89 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     raise ValueError(f"{type(model).__name__} has no list of {n} decoder layers")
 
 
+def _outside(model: torch.nn.Module, prefix: str) -> tuple[list[str], list[str]]:
+    """Parameter names outside the decoder layers, (registered before them, after them); tied ones
+    (a head sharing the embedding matrix) are listed under each name."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    inside = [i for i, n in enumerate(names) if n.startswith(prefix + ".")]
+    return names[: inside[0]], names[inside[-1] + 1 :]
+
+
+def _materialise(model: torch.nn.Module, names: list[str], weights: Mapping[str, torch.Tensor] | None) -> None:
+    """Give parameters ``names`` real CPU storage: ``weights``' values, or zeros (values never used)."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        value = torch.zeros_like(getattr(module, leaf), device="cpu") if weights is None else weights[name]
+        setattr(module, leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=True))
+
+
 def block_model(config: transformers.PretrainedConfig, first: int, last: int, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The causal LM of ``config`` holding only layers ``first .. last - 1`` (loaded from ``weights``,
-    named as in the full model's state dict); the layers before pass through, the rest stay on meta."""
+    """The causal LM of ``config`` holding only block ``first .. last - 1`` (loaded from ``weights``,
+    named as in the full model's state dict): the layers before it pass through, the rest stay on
+    ``meta``. Block 0 also holds what runs before the first layer (embeddings); a block ending at
+    the last layer also holds what runs after it (final norm, head). A later block gets zeros for
+    the small tables the model computes before its layers (e.g. position embeddings): their
+    result is replaced by the opened input."""
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config)
     prefix, layers = decoder_layers(model)
     if not 0 <= first < last <= len(layers):
         raise ValueError(f"block {first}..{last} outside the model's {len(layers)} layers")
-    for i in range(first):
-        layers[i] = _PassThrough()
-    wanted = {f"{prefix}.{i}.{n}" for i in range(first, last) for n, _ in layers[i].named_parameters()}
-    missing = sorted(wanted - set(weights))
+    before, after = _outside(model, prefix)
+    wanted = [f"{prefix}.{i}.{n}" for i in range(first, last) for n, _ in layers[i].named_parameters()]
+    wanted += (before if first == 0 else []) + (after if last == len(layers) else [])
+    missing = sorted(set(wanted) - set(weights))
     if missing:
         raise ValueError(f"block weights lack {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    for i in range(first, last):
-        layers[i].to_empty(device="cpu")
-        with torch.no_grad():
-            for n, p in layers[i].named_parameters():
-                p.copy_(weights[f"{prefix}.{i}.{n}"])
+    for i in range(first):
+        layers[i] = _PassThrough()
+    if first > 0:  # not the input embedding matrix: ``run_block`` feeds ``inputs_embeds``
+        embedding = model.get_input_embeddings().weight
+        _materialise(model, [n for n in before if model.get_parameter(n) is not embedding], None)
+    _materialise(model, wanted, weights)
     return model.train(False)
 
 
-def run_block(model: torch.nn.Module, first: int, last: int, hidden: torch.Tensor, grad_out: torch.Tensor,
+def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tensor, grad_out: torch.Tensor,
               **forward_kwargs: Any) -> CellRun:  # fmt: skip
-    """Forward ``hidden`` (the input of layer ``first``) through the block and back-propagate
-    ``grad_out`` (the gradient at layer ``last - 1``'s output). ``forward_kwargs`` (e.g.
-    ``attention_mask``, ``position_ids``) are the training forward's own."""
+    """Re-execute block ``first .. last - 1``: forward ``inputs`` -- the input of layer ``first``, or
+    the token ids for block 0 -- and back-propagate ``grad_out``: the gradient at the block's last
+    layer's output, or, for a block ending at the model's last layer, of the loss (a scalar; pass
+    ``labels`` in ``forward_kwargs``). ``forward_kwargs`` are the training forward's own
+    (``attention_mask``, ``position_ids``, ``labels``). The input gradient is None for block 0."""
     prefix, layers = decoder_layers(model)
+    ends = last == len(layers)
+    x = inputs if first == 0 else inputs.detach().clone().requires_grad_(True)
+    hooks = []
+
+    def swap_in(_m: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # the opened input, whatever came before
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     def stop(_m: Any, _a: Any, out: Any) -> None:
         raise _BlockDone(out[0] if isinstance(out, tuple) else out)
 
-    x = hidden.detach().clone().requires_grad_(True)
-    handle = layers[last - 1].register_forward_hook(stop)
+    if first > 0:
+        hooks.append(layers[first].register_forward_pre_hook(swap_in, with_kwargs=True))
+    if not ends:
+        hooks.append(layers[last - 1].register_forward_hook(stop))
+    feed = {"input_ids": inputs} if first == 0 else {"inputs_embeds": torch.zeros_like(x, requires_grad=False)}
     try:
-        model(inputs_embeds=x, use_cache=False, **forward_kwargs)
+        result = model(**feed, use_cache=False, **forward_kwargs)
+        output = result.loss
+        if output is None:
+            raise ValueError("a block ending at the last layer needs the step's labels to compute its loss")
     except _BlockDone as done:
         output = done.output
-    else:  # pragma: no cover - the hook always fires
-        raise RuntimeError("the block's last layer did not run")
     finally:
-        handle.remove()
+        for h in hooks:
+            h.remove()
     params = {f"{prefix}.{i}.{n}": p for i in range(first, last) for n, p in layers[i].named_parameters()}
-    grads = torch.autograd.grad(output, [x, *params.values()], grad_out, allow_unused=True)
-    zero = [torch.zeros_like(p) for p in params.values()]
+    before, after = _outside(model, prefix)
+    for n in (before if first == 0 else []) + (after if ends else []):
+        params.setdefault(n, model.get_parameter(n))
+    wrt = list(params.values()) if first == 0 else [x, *params.values()]
+    grads = torch.autograd.grad(output, wrt, grad_out, allow_unused=True)
+    grads = (None, *grads) if first == 0 else grads
     return CellRun(output.detach(), grads[0],
-                   {n: g if g is not None else z for (n, _), g, z in zip(params.items(), grads[1:], zero)})  # fmt: skip
+                   {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads[1:])})  # fmt: skip
