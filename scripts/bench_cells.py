@@ -39,7 +39,7 @@ def child(a) -> dict[str, float]:
     cfg = config(a)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq))
     x, g = torch.randn(a.batch, a.seq, a.hidden), torch.randn(a.batch, a.seq, a.hidden)
-    if a.kind == "cell":  # the block's weights as the verifier gets them: opened from safetensors, nothing else
+    if a.kind == "cell":  # the block's weights alone, made before the baseline (the verifier opens only these)
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         weights = {}
@@ -48,7 +48,6 @@ def child(a) -> dict[str, float]:
             weights.update({f"model.layers.{i}.{n}": p.detach() for n, p in layer.named_parameters()})
             del layer
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
     if a.kind == "step":
         model = transformers.LlamaForCausalLM(cfg)
         t = time.perf_counter()
@@ -70,6 +69,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if not 1 <= a.block <= a.layers - 2:
+        ap.error(f"--block: 1 .. {a.layers - 2} layers (a middle block from layer 1; the first and last also hold embeddings / head)")
     if a.kind:
         print(json.dumps(child(a)))
         return 0

@@ -68,6 +68,15 @@ def _outside(model: torch.nn.Module, prefix: str) -> tuple[list[str], list[str]]
     return names[: inside[0]], names[inside[-1] + 1 :]
 
 
+def _block_names(model: torch.nn.Module, first: int, last: int) -> list[str]:
+    """The names of block ``first .. last - 1``'s parameters: its layers', block 0's also what is
+    registered before the layers (embeddings), the last block's what is registered after them."""
+    prefix, layers = decoder_layers(model)
+    before, after = _outside(model, prefix)
+    names = [f"{prefix}.{i}.{n}" for i in range(first, last) for n, _ in layers[i].named_parameters()]
+    return names + (before if first == 0 else []) + (after if last == len(layers) else [])
+
+
 def _materialise(model: torch.nn.Module, names: list[str], weights: Mapping[str, torch.Tensor] | None) -> None:
     """Give parameters ``names`` real CPU storage: ``weights``' values, or zeros (values never used)."""
     for name in names:
@@ -89,9 +98,7 @@ def block_model(config: transformers.PretrainedConfig, first: int, last: int, we
     prefix, layers = decoder_layers(model)
     if not 0 <= first < last <= len(layers):
         raise ValueError(f"block {first}..{last} outside the model's {len(layers)} layers")
-    before, after = _outside(model, prefix)
-    wanted = [f"{prefix}.{i}.{n}" for i in range(first, last) for n, _ in layers[i].named_parameters()]
-    wanted += (before if first == 0 else []) + (after if last == len(layers) else [])
+    wanted = _block_names(model, first, last)
     missing = sorted(set(wanted) - set(weights))
     if missing:
         raise ValueError(f"block weights lack {missing[:3]}{' ...' if len(missing) > 3 else ''}")
@@ -99,7 +106,7 @@ def block_model(config: transformers.PretrainedConfig, first: int, last: int, we
         layers[i] = _PassThrough()
     if first > 0:  # not the input embedding matrix: ``run_block`` feeds ``inputs_embeds``
         embedding = model.get_input_embeddings().weight
-        _materialise(model, [n for n in before if model.get_parameter(n) is not embedding], None)
+        _materialise(model, [n for n in _outside(model, prefix)[0] if model.get_parameter(n) is not embedding], None)
     _materialise(model, wanted, weights)
     return model.train(False)
 
@@ -111,7 +118,7 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
     layer's output, or, for a block ending at the model's last layer, of the loss (a scalar; pass
     ``labels`` in ``forward_kwargs``). ``forward_kwargs`` are the training forward's own
     (``attention_mask``, ``position_ids``, ``labels``). The input gradient is None for block 0."""
-    prefix, layers = decoder_layers(model)
+    layers = decoder_layers(model)[1]
     ends = last == len(layers)
     x = inputs if first == 0 else inputs.detach().clone().requires_grad_(True)
     hooks = []
@@ -137,10 +144,7 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
     finally:
         for h in hooks:
             h.remove()
-    params = {f"{prefix}.{i}.{n}": p for i in range(first, last) for n, p in layers[i].named_parameters()}
-    before, after = _outside(model, prefix)
-    for n in (before if first == 0 else []) + (after if ends else []):
-        params.setdefault(n, model.get_parameter(n))
+    params = {n: model.get_parameter(n) for n in _block_names(model, first, last)}
     wrt = list(params.values()) if first == 0 else [x, *params.values()]
     grads = torch.autograd.grad(output, wrt, grad_out, allow_unused=True)
     grads = (None, *grads) if first == 0 else grads
