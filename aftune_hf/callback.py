@@ -105,6 +105,7 @@ class AuditCallback(StepObserver):
         self._rng_hold: dict[str, Any] | None = None
         self._bars = True
         self._shards: Any = None  # an FSDP2 run: this rank's RankShards
+        self.cells: Any = None  # audit.layer_blocks: the CellTracker
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -152,6 +153,16 @@ class AuditCallback(StepObserver):
         if self._shards is not None:
             self._begin_sharded(state, model, optimizer, lr_scheduler, rngs)
         self.capture.install(unwrap(model))
+        if self.contract.audit.layer_blocks is not None:
+            from .cells.track import CellTracker
+
+            self.cells = CellTracker(self.contract.audit.layer_blocks)
+            self.cells.install(unwrap(model), running_trainer())
+
+    def _stop_capture(self) -> None:
+        self.capture.remove()
+        if self.cells is not None:
+            self.cells.remove()
 
     def _begin_sharded(self, state, model, optimizer, lr_scheduler, rngs: list[bytes]) -> None:
         """Step 0 of an FSDP run: every rank writes its anchor shards; the main process joins their
@@ -273,6 +284,8 @@ class AuditCallback(StepObserver):
             with self._abort_on_error():
                 self._check_bg()
         super().on_step_begin(args, state, control, **kwargs)
+        if self.cells is not None:
+            self.cells.begin()
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         with self._abort_on_error():
@@ -290,6 +303,12 @@ class AuditCallback(StepObserver):
         with self._failing_together():
             self._check_bg()
             fields, params = self.observe(state, model, state_digest=False)
+            optim = None
+            if self.cells is not None:  # one process only (the contract refuses cells with several)
+                from .cells.track import table_digest
+
+                fields["cells"] = table_digest(self.cells.end())
+                optim = encoded_optimizer(model, optimizer)[0]
             mine = pack_step(fields)
             if self._shards is not None:  # FSDP: this rank's files are written now, its pieces go to the main process
                 opt = encoded_optimizer(model, optimizer)[0] if anchored else None
@@ -309,7 +328,7 @@ class AuditCallback(StepObserver):
         if anchored:
             anchor = anchor_with_ranks(make_anchor(step, model, optimizer, lr_scheduler, state, copy=False), rngs)
         self._reads_done.clear()
-        self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor, sharded))
+        self._bg.submit(lambda: self._commit(fields, params, checkpoint, anchor, sharded, optim))
         if control.should_save or last:
             self._bg.flush()  # the Trainer checkpoint must never be ahead of the chain (see also on_init_end)
 
@@ -323,9 +342,11 @@ class AuditCallback(StepObserver):
             self._check_bg()
 
     def _commit(self, fields: dict[str, Any], params: dict, checkpoint: bool, anchor: Anchor | None,
-                sharded: tuple | None = None) -> None:  # fmt: skip
+                sharded: tuple | None = None, optim: dict | None = None) -> None:  # fmt: skip
         staged: list = []
         try:  # phase 1 reads the live tensors: hash them, write them to temp files
+            if optim is not None:  # cells: the optimizer state after the step, read before the next step changes it
+                fields = {**fields, "optim": D.state_digest(optim)}
             if sharded is not None:  # FSDP: the ranks wrote their files; join their digests
                 self._reads_done.set()
                 state, optimizer_state = self._shards.join(*sharded)
@@ -391,7 +412,7 @@ class AuditCallback(StepObserver):
         )  # fmt: skip
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.capture.remove()
+        self._stop_capture()
         if self._bg is None or self.writer is None:
             return
         try:
@@ -432,7 +453,7 @@ class AuditCallback(StepObserver):
         try:
             yield
         except BaseException:
-            self.capture.remove()
+            self._stop_capture()
             if self._bg is not None:
                 self._bg.close()
                 self._bg = None

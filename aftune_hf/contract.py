@@ -138,6 +138,10 @@ class Audit:
     inference_rtol: float = 1e-4
     min_detection: float = 0.9  # a PASS must catch a provider who falsified detect_fraction of the windows this surely
     detect_fraction: float = 0.1
+    # layer-block cells (docs/SECURITY.md "Cells"): block boundaries over the decoder layers, 0 first and
+    # num_hidden_layers last, e.g. [0, 2, 4]; each step then commits its cell table. None: no cells.
+    layer_blocks: tuple[int, ...] | None = None
+    cells: int = 8  # cells a challenge opens
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,20 @@ class Contract:
             raise ConfigError("invalid_value", "audit.min_detection must be in [0, 1]")
         if not 0 < a.detect_fraction <= 1:
             raise ConfigError("invalid_value", "audit.detect_fraction must be in (0, 1]")
+        _positive(a.cells, "audit.cells")
+        if a.layer_blocks is not None:
+            self._check_cells()
+
+    def _check_cells(self) -> None:
+        b = self.audit.layer_blocks
+        if len(b) < 2 or b[0] != 0 or any(x >= y for x, y in zip(b, b[1:])):
+            raise ConfigError("invalid_audit", f"audit.layer_blocks must rise strictly from 0 to the layer count, got {list(b)}")
+        why = {"mode: tolerance": self.audit.mode != "exact", "PEFT": self.is_peft, "several processes": self.training.world_size > 1,
+               f"precision {self.training.precision}": self.training.precision != "fp32"}  # fmt: skip
+        refused = [k for k, v in why.items() if v]
+        if refused:
+            raise ConfigError("invalid_audit", f"layer-block cells are built for one-process exact fp32 full fine-tunes; "
+                              f"not with {', '.join(refused)} (docs/SECURITY.md, Cells)")  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -221,6 +239,8 @@ class Contract:
         data = plain(self)
         for art in ("base_model", "dataset"):
             data[art].pop("path")
+        if data["audit"]["layer_blocks"] is None:  # a contract without cells keeps the digest it had before them
+            del data["audit"]["layer_blocks"], data["audit"]["cells"]
         return D.exact_floats(data)
 
     def digest(self) -> bytes:

@@ -58,6 +58,9 @@ CONTEXTS: dict[str, str] = {
         "challenge",
         "window stream",
         "uniform",
+        "cells table",
+        "cells rng",
+        "cells challenge",
     )
 }
 _BIG_BUFFER = 128 << 20  # use every core only for buffers this large (threads cost more on small ones)
@@ -363,6 +366,16 @@ def uniform(seed: bytes, row: int, position: int) -> float:
     from the top 53 bits of ``H_uniform(lp(seed) || u64(row) || u64(position))``."""
     x = int.from_bytes(hash_bytes("uniform", lp(seed), u64(row), u64(position))[:8], "big")
     return (x >> 11) * 2.0**-53
+
+
+def sample_distinct(seed: bytes, n: int, k: int) -> list[int]:
+    """``k`` distinct integers of ``[0, n)`` drawn uniformly from ``seed`` (partial Fisher-Yates), sorted."""
+    pool, stream = list(range(n)), _XofStream(seed)
+    k = max(0, min(k, n))
+    for i in range(k):
+        j = i + stream.below(n - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    return sorted(pool[:k])
 
 
 def sample_windows(seed: bytes, n_windows: int, k: int) -> list[int]:

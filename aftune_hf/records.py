@@ -6,7 +6,9 @@ recomputed). Three kinds exist:
 
 * ``start``  -- step 0: the initial trainable-state digest and the step-0 anchor digest;
 * ``step``   -- one optimizer step: one digest over every rank's micro-batches, loss, lr, grad norm,
-  state digest after the step, whether a checkpoint was written, the anchor digest if any;
+  state digest after the step, whether a checkpoint was written, the anchor digest if any; with
+  ``audit.layer_blocks`` also ``cells`` (the digest of the step's cell table,
+  :mod:`aftune_hf.cells.track`) and ``optim`` (the optimizer state's digest after the step);
 * ``resume`` -- recording continued after a crash from the committed ``step``.
 
 Floats are stored as exact hex strings (``float.hex``). Validation is strict: exact key
@@ -37,6 +39,7 @@ _KEYS = {
     "resume": {"kind", "step", "reason"},
     "call": {"kind", "call", "rows", "config", "weights", "seed", "tensors"},
 }  # fmt: skip
+CELL_KEYS = frozenset({"cells", "optim"})  # a step record's commitments for layer-block cells (audit.layer_blocks)
 CALL_CONFIG_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
                 "min_new_tokens", "eos_token_id", "pad_token_id")  # fmt: skip
 _WEIGHT_KEYS = {"params", "model", "adapter"}
@@ -78,10 +81,13 @@ def step_record(
     state: bytes,
     checkpoint: bool,
     anchor: bytes | None,
+    cells: bytes | None = None,
+    optim: bytes | None = None,
 ) -> dict[str, Any]:
     """The record of one optimizer step; ``batches[rank][micro]`` are batch digests, committed as one
-    :func:`~aftune_hf.digest.step_data_digest`."""
-    return {
+    :func:`~aftune_hf.digest.step_data_digest`; ``cells``/``optim`` only with layer-block cells."""
+    extra = {} if cells is None else {"cells": cells.hex(), "optim": optim.hex()}
+    return {**extra,
         "kind": "step",
         "step": step,
         "data": D.step_data_digest(batches).hex(),
@@ -137,7 +143,8 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
     if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str) or rec["kind"] not in _KEYS:
         raise _bad("unknown record kind")
     step = rec.get("step")
-    if set(rec) != _KEYS[rec["kind"]]:
+    keys = set(rec) - (CELL_KEYS if rec["kind"] == "step" and CELL_KEYS <= set(rec) else set())
+    if keys != _KEYS[rec["kind"]]:
         raise _bad(f"{rec['kind']} record keys {sorted(rec)}", step)
     kind = rec["kind"]
     if kind == "call":
@@ -165,6 +172,8 @@ def validate_record(rec: Any) -> Mapping[str, Any]:
             raise _bad("checkpoint must be a boolean", step)
         if rec["anchor"] is not None:
             check_hex(rec["anchor"], "anchor", step)
+        for key in CELL_KEYS & set(rec):
+            check_hex(rec[key], key, step)
     return rec
 
 

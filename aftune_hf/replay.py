@@ -50,6 +50,7 @@ class Replay:
     steps: list[ReplayedStep]
     start: Anchor | None
     end: Anchor | None
+    opened: dict[int, Any] = dataclasses.field(default_factory=dict)  # cells: step -> its regenerated tensors
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ class ReplayedStep:
 class ReplayObserver(StepObserver):
     """Observe steps ``start+1 .. end``, then stop the Trainer."""
 
-    def __init__(self, start: int, end: int, keep_params: bool, gather: bool = False, sharded: bool = False) -> None:
+    def __init__(self, start: int, end: int, keep_params: bool, gather: bool = False, sharded: bool = False,
+                 cells: Any = None) -> None:  # fmt: skip
         super().__init__()
+        self.cells = cells  # a cells.track.CellTracker or cells.opening.Regenerate: cell tables, as the recorder's
         self.start, self.end = start, end
         self.keep_params = keep_params
         self.gather = gather  # a multi-process replay: merge every rank's share as the recorder did
@@ -75,10 +78,6 @@ class ReplayObserver(StepObserver):
         self.start_state: Anchor | None = None
         self.end_state: Anchor | None = None
         self._t0 = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-        super().on_step_begin(args, state, control, **kwargs)
 
     def _state(self, tensors: dict[str, torch.Tensor], args: Any) -> bytes:
         if not self.sharded:
@@ -92,9 +91,21 @@ class ReplayObserver(StepObserver):
         if self.start == 0:  # the contract's full initial state, as the recorder's step-0 anchor holds it
             self.start_state = self._full_state(0, model, optimizer, lr_scheduler, state, args)
         self.capture.install(unwrap(model))
+        if self.cells is not None:
+            from .live import running_trainer
+
+            self.cells.install(unwrap(model), running_trainer())
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._t0 = time.perf_counter()
+        super().on_step_begin(args, state, control, **kwargs)
+        if self.cells is not None:
+            self.cells.step_begin(state.global_step + 1, model, optimizer)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         fields, params = self.observe(state, model, state_digest=not self.sharded)
+        if self.cells is not None:
+            fields.update(self.cells.step_end(state.global_step, model, optimizer))
         if self.sharded:
             fields["state"] = self._state(params, args)
         if self.gather:
@@ -117,6 +128,8 @@ class ReplayObserver(StepObserver):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.capture.remove()
+        if self.cells is not None:
+            self.cells.remove()
 
 
 def build_recipe(contract: Contract, output_dir: Path, *, distributed: bool = False) -> Recipe:
@@ -313,6 +326,7 @@ def replay_window(
     *,
     keep_params: bool = False,
     distributed: bool = False,
+    cells: Any = None,
 ) -> Replay:
     """Re-execute steps ``start+1 .. end`` from the anchor at ``start``; ``expected`` is the
     contract's derivable state (:func:`aftune_hf.verify.derive.derive_expected`).
@@ -325,7 +339,8 @@ def replay_window(
 
     workdir.mkdir(parents=True, exist_ok=True)
     parts = build_recipe(contract, workdir / "out", distributed=distributed)
-    observer = ReplayObserver(start, end, keep_params, gather=distributed, sharded=distributed and contract.shards > 1)
+    observer = ReplayObserver(start, end, keep_params, gather=distributed, sharded=distributed and contract.shards > 1,
+                              cells=cells)  # fmt: skip
     trainer = make_trainer(contract, parts, distributed=distributed, callbacks=[observer])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     resume = None
@@ -345,7 +360,8 @@ def replay_window(
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if observer.initial_state is None:  # pragma: no cover - Trainer always calls on_train_begin
         raise RuntimeError("the Trainer did not start")
-    return Replay(observer.initial_state, observer.steps, observer.start_state, observer.end_state)
+    opened = getattr(cells, "opened", {})
+    return Replay(observer.initial_state, observer.steps, observer.start_state, observer.end_state, opened)
 
 
 def _agree(trainer: Any, error: BaseException | None) -> None:

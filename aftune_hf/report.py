@@ -82,6 +82,42 @@ class CallResult:
 
 
 @dataclass(frozen=True)
+class CellResult:
+    """One challenged layer-block cell (step, block), re-executed from its opening (:mod:`aftune_hf.cells`)."""
+
+    step: int
+    block: int
+    ok: bool
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class CellDetection:
+    """How likely the cell challenge catches a provider who falsified a fraction of the cells, and its cost."""
+
+    cells_total: int
+    cells_checked: int
+    by_fraction: dict[str, float] = field(default_factory=dict)
+    fraction: float = 0.1
+    achieved: float = 1.0
+    required: float = 0.0
+    flops_share: float = 0.0  # of the whole training run's FLOPs, re-executed by the checked cells
+    peak_bytes: int = 0  # the largest checked block: its fp32 parameters, gradients and two Adam moments
+
+    @classmethod
+    def compute(cls, n: int, k: int, fraction: float = 0.1, required: float = 0.0, flops_share: float = 0.0,
+                peak_bytes: int = 0) -> CellDetection:  # fmt: skip
+        """Cells are drawn uniformly without replacement: none is always checked."""
+
+        def p(f: float) -> float:
+            return detection_probability(n, k, min(n, max(1, round(f * n))))
+
+        by = {f"{f:.2f}": p(f) for f in (0.01, 0.05, 0.10)}
+        return cls(n, k, by, fraction, p(fraction), required, flops_share, peak_bytes)
+
+
+@dataclass(frozen=True)
 class DataCheck:
     """The all-steps data check: every micro-batch digest re-derived from the client's data."""
 
@@ -175,6 +211,8 @@ class VerificationReport:
     contract: dict[str, Any] | None = None  # the client's contract, canonical form (no local paths)
     curve: tuple[tuple[int, float, float], ...] = ()  # (step, loss, lr) as recorded in the trace
     download: Download | None = None  # a trace on the Hub: what was downloaded of it
+    cells: tuple[CellResult, ...] = ()  # layer-block cells checked from the provider's opening
+    cell_detection: CellDetection | None = None
 
     @property
     def ok(self) -> bool:
@@ -215,6 +253,14 @@ class VerificationReport:
             score = sum(c.token_score * c.tokens for c in self.calls) / max(tokens, 1)
             lines.append(f"  tokens: {tokens} checked, {sum(c.tokens_off for c in self.calls)} do not follow from the "
                          f"committed decoding; mean token score {score:.2e} (0 for honest serving)")  # fmt: skip
+        for c in self.cells:
+            lines.append(f"  cell step {c.step} block {c.block}: {'ok' if c.ok else 'FAIL'} ({c.seconds:.2f} s)"
+                         f"{': ' + c.detail if c.detail else ''}")  # fmt: skip
+        if self.cell_detection:
+            d = self.cell_detection
+            probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())
+            lines.append(f"  cell detection ({d.cells_checked}/{d.cells_total} cells): {probs}; cost {d.flops_share:.2%} of "
+                         f"training FLOPs, peak {d.peak_bytes / 2**20:.1f} MiB of block state")  # fmt: skip
         if self.detection:
             d = self.detection
             probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())
@@ -248,6 +294,8 @@ def report_from_json(data: dict[str, Any]) -> VerificationReport:
             "calls": tuple(CallResult(**c) for c in data.get("calls", [])),
             "curve": tuple((int(s), float(l), float(r)) for s, l, r in data.get("curve", [])),
             "download": Download(**data["download"]) if data.get("download") else None,
+            "cells": tuple(CellResult(**c) for c in data.get("cells", [])),
+            "cell_detection": CellDetection(**data["cell_detection"]) if data.get("cell_detection") else None,
         }
     )  # fmt: skip
 
@@ -270,5 +318,5 @@ def merge_reports(parts: list[VerificationReport]) -> VerificationReport:
         verdict, first.contract_digest, first.mode, first.trace_root, first.nonce, first.seed, first.num_steps,
         windows, data, first.detection, failures, "; ".join(errors) or None, max(p.seconds for p in parts),
         tuple(c for p in parts for c in p.calls), first.source, first.tolerance, first.contract, first.curve,
-        first.download,
+        first.download, tuple(c for p in parts for c in p.cells), first.cell_detection,
     )  # fmt: skip

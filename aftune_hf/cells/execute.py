@@ -94,7 +94,7 @@ def block_model(config: transformers.PretrainedConfig, first: int, last: int, we
     the small tables the model computes before its layers (e.g. position embeddings): their
     result is replaced by the opened input."""
     with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=getattr(config, "_attn_implementation", None))
     prefix, layers = decoder_layers(model)
     if not 0 <= first < last <= len(layers):
         raise ValueError(f"block {first}..{last} outside the model's {len(layers)} layers")
@@ -111,19 +111,27 @@ def block_model(config: transformers.PretrainedConfig, first: int, last: int, we
     return model.train(False)
 
 
-def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tensor, grad_out: torch.Tensor,
-              **forward_kwargs: Any) -> CellRun:  # fmt: skip
+def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tensor, grad_out: torch.Tensor, *,
+              rng: torch.Tensor | None = None, accumulate: bool = False, **forward_kwargs: Any) -> CellRun:  # fmt: skip
     """Re-execute block ``first .. last - 1``: forward ``inputs`` -- the input of layer ``first``, or
     the token ids for block 0 -- and back-propagate ``grad_out``: the gradient at the block's last
     layer's output, or, for a block ending at the model's last layer, of the loss (a scalar; pass
     ``labels`` in ``forward_kwargs``). ``forward_kwargs`` are the training forward's own
-    (``attention_mask``, ``position_ids``, ``labels``). The input gradient is None for block 0."""
+    (``attention_mask``, ``position_ids``, ``labels``). The input gradient is None for block 0.
+    ``rng``: the generator state (:func:`aftune_hf.cells.track.rng_state`) the block starts from, set
+    where it starts (dropout). ``accumulate``: add the parameter gradients into ``.grad``, as the
+    Trainer's backward over several micro-batches does (``param_grads`` then holds ``.grad``)."""
+    from .track import set_rng_state
+
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
     layers = decoder_layers(model)[1]
     ends = last == len(layers)
     x = inputs if first == 0 else inputs.detach().clone().requires_grad_(True)
     hooks = []
 
     def swap_in(_m: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # the opened input, whatever came before
+        if rng is not None:
+            set_rng_state(rng, device)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     def stop(_m: Any, _a: Any, out: Any) -> None:
@@ -134,6 +142,8 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
     if not ends:
         hooks.append(layers[last - 1].register_forward_hook(stop))
     feed = {"input_ids": inputs} if first == 0 else {"inputs_embeds": torch.zeros_like(x, requires_grad=False)}
+    if rng is not None and first == 0:
+        set_rng_state(rng, device)
     try:
         result = model(**feed, use_cache=False, **forward_kwargs)
         output = result.loss
@@ -146,6 +156,9 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
             h.remove()
     params = {n: model.get_parameter(n) for n in _block_names(model, first, last)}
     wrt = list(params.values()) if first == 0 else [x, *params.values()]
+    if accumulate:
+        torch.autograd.backward(output, grad_out, inputs=wrt)
+        return CellRun(output.detach(), None if first == 0 else x.grad, {n: p.grad for n, p in params.items()})
     grads = torch.autograd.grad(output, wrt, grad_out, allow_unused=True)
     grads = (None, *grads) if first == 0 else grads
     return CellRun(output.detach(), grads[0],

@@ -23,10 +23,11 @@ from ..safeio import loads_json_strict, read_regular_file, validate_relpath
 from ..statecodec import decode_optimizer, decode_rng, from_json_value
 
 FORMAT = "aftune-trace"
-FORMAT_VERSION = 5  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
+FORMAT_VERSION = 6  # 2: an anchor's trainer_state holds only the counters a replay computes with (issue 14);
 # 3: ... without num_input_tokens_seen (a logging counter), the header's environment complete (issue 15);
 # 4: checkpoints and anchors in folders of SHARD_STEPS steps (the Hub's < 10k entries per folder, issue 17);
-# 5: an FSDP run's checkpoints and anchor params/optimizer are one file per rank (issue 17)
+# 5: an FSDP run's checkpoints and anchor params/optimizer are one file per rank (issue 17);
+# 6: with audit.layer_blocks a step record carries ``cells`` and ``optim`` (issue 19)
 HEADER, CHAIN, ROOT, CARD, LOCK = "aftune_trace.json", "chain.jsonl", "root.json", "README.md", ".aftune.lock"
 IGNORED = frozenset({".gitattributes"})  # added by the Hub itself; never read
 SIGNATURE = "signature.dsse.json"  # the provider's signed root (aftune_hf.attest); outside the root it signs

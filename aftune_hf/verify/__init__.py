@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import digest as D
 from ..attest import MAX_BYTES as SIGNATURE_MAX_BYTES
@@ -52,6 +53,8 @@ def verify_trace(
     endpoint: str | None = None,
     progress: bool = False,
     signer: str | Path | None = None,
+    openings: str | Path | None = None,
+    cells: int | None = None,
 ) -> VerificationReport:
     """Verify a local trace against the client's contract. Never raises for provider faults.
 
@@ -68,13 +71,18 @@ def verify_trace(
         progress: show a tqdm progress bar over the replayed windows.
         signer: the provider's public key (PEM) the client pinned: the trace must carry a DSSE
             signature by it over this root and contract (:mod:`aftune_hf.attest`), else FAIL.
+        openings: the provider's opening of the cells this nonce challenges (``aftune cells open``):
+            check them too (:mod:`aftune_hf.cells.check`); needs ``audit.layer_blocks``.
+        cells: how many cells to challenge (default: the contract's ``audit.cells``).
     """
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
     c = contract if isinstance(contract, Contract) else load_contract(contract)
-    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
-        raise ConfigError("invalid_windows", f"windows must be an integer >= 1, got {windows!r}")
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < (0 if openings else 1)):
+        raise ConfigError("invalid_windows", f"windows must be an integer >= 1 (0: cells only), got {windows!r}")
     nonce_bytes = parse_nonce(nonce)
+    if openings is not None and c.audit.layer_blocks is None:
+        raise ConfigError("no_cells", "the contract has no audit.layer_blocks: there are no cells to check")
     base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex(), source=str(trace),
                 tolerance=c.audit.tolerance, contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []
@@ -121,14 +129,14 @@ def verify_trace(
                                           download=remote and remote.download())  # fmt: skip
             env_diffs = adopt_environment(reader.header()["environment"], say) if c.audit.mode == "exact" else []
             root_hex = integrity.trace_root.hex()
-            challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows)
-            detection = Detection.compute(len(challenge.bounds), len(challenge.chosen), c.audit.detect_fraction,
-                                          c.audit.min_detection)  # fmt: skip
+            challenge = make_challenge(c, integrity.trace_root, nonce_bytes, windows or None)
+            detection = None if windows == 0 else Detection.compute(len(challenge.bounds), len(challenge.chosen),
+                                                                    c.audit.detect_fraction, c.audit.min_detection)  # fmt: skip
             data = None
             if data_check:
                 say(f"data check of all {integrity.num_steps} steps")
                 data = _data_check(c, integrity, work, failures)
-            todo = [i for i in challenge.chosen if only_windows is None or i in only_windows]
+            todo = [i for i in challenge.chosen if (only_windows is None or i in only_windows) and windows != 0]
             if todo and c.training.world_size > 1 and c.audit.mode == "exact":
                 raise VerifierEnvironmentError(
                     "unsupported", f"exact replay of a {c.training.world_size}-process trace needs that many "
@@ -136,14 +144,21 @@ def verify_trace(
             results = check_windows(c, reader, integrity, challenge, todo, work, say=say, progress=progress,
                                     expected=expected)  # fmt: skip
             failures.extend(f for res in results for f in window_failures(res))
+            cell_results, cell_detection = (), None
+            if openings is not None:
+                say("checking the challenged layer-block cells")
+                cell_results, cell_detection = _cells_check(c, integrity, nonce_bytes, cells, openings, parts, progress)
+                failures.extend(Failure("cells", r.detail.split(":")[0], r.detail, r.step) for r in cell_results if not r.ok)
             if env_diffs and failures and all(f.check == "replay" for f in failures):
                 return VerificationReport(ERROR, **base, trace_root=root_hex, windows=tuple(results), failures=tuple(failures),
                                           seconds=time.perf_counter() - t0, error=environment_error(env_diffs))  # fmt: skip
-            verdict = FAIL if failures else INCONCLUSIVE if detection.achieved < detection.required else PASS
+            enough = any(d is not None and d.achieved >= d.required for d in (detection, cell_detection))
+            verdict = FAIL if failures else PASS if enough else INCONCLUSIVE
             return VerificationReport(
                 verdict, **base, trace_root=root_hex, seed=challenge.seed.hex(), num_steps=integrity.num_steps,
                 windows=tuple(results), data_check=data, detection=detection, failures=tuple(failures),
                 seconds=time.perf_counter() - t0, curve=_curve(integrity), download=remote and remote.download(),
+                cells=tuple(cell_results), cell_detection=cell_detection,
             )  # fmt: skip
     except (OSError, MemoryError, ImportError, AftuneError) as e:
         if isinstance(e, ProviderFault):
@@ -174,6 +189,25 @@ def _data_check(c: Contract, integrity: Integrity, work: Path, failures: list[Fa
     if checked != integrity.num_steps:
         failures.append(Failure("data", "data_mismatch", f"the data pipeline yields {checked} steps"))
     return DataCheck(checked, tuple(bad), time.perf_counter() - t0)
+
+
+def _cells_check(c: Contract, integrity: Integrity, nonce: bytes, count: int | None, openings: str | Path, parts: Any,
+                 progress: bool) -> tuple[list[Any], Any]:  # fmt: skip
+    """The challenged cells, checked from the provider's opening, and what they achieve."""
+    from ..cells.check import check_cells
+    from ..cells.opening import challenge_cells
+    from ..cells.plan import block_costs, checked_flops_share
+    from ..live import unwrap
+    from ..report import CellDetection
+
+    config = unwrap(parts.model).config
+    chosen = challenge_cells(c, integrity.trace_root, nonce, count)
+    results = check_cells(c, integrity.steps(), chosen, openings, config, progress=progress)
+    shares, sizes = block_costs(config, c.audit.layer_blocks)
+    detection = CellDetection.compute(c.training.max_steps * len(shares), len(chosen), c.audit.detect_fraction,
+                                      c.audit.min_detection, checked_flops_share(c.training.max_steps, shares, [x.block for x in chosen]),
+                                      max(sizes[x.block] for x in chosen))  # fmt: skip
+    return results, detection
 
 
 def _curve(integrity: Integrity) -> tuple[tuple[int, float, float], ...]:

@@ -133,6 +133,9 @@ def check_structure(
         if s and not same_value(D.decode_float(rec["lr"]), expected.lrs[s - 1], rtol):
             raise ContractViolationError("lr_schedule", f"recorded lr {D.decode_float(rec['lr']):.9g} is not the "
                                          f"contract's {expected.lrs[s - 1]:.9g}", step=s)  # fmt: skip
+        if s and ("cells" in rec) != (audit.layer_blocks is not None):
+            raise ContractViolationError("cells_commitment", "a step record's cell commitments (cells, optim) do not "
+                                         "match the contract's audit.layer_blocks", step=s)  # fmt: skip
         need_anchor = s == 0 or s % audit.anchor_every == 0 or s == want
         if need_anchor and rec["anchor"] is None:
             raise ManifestMismatchError("challenged_window_unavailable", "anchor missing", step=s)
@@ -145,6 +148,8 @@ def check_structure(
             anchor = reader.anchor(s, schema)
             if anchor.digest().hex() != rec["anchor"] or D.state_digest(anchor.params).hex() != rec["state"]:
                 raise CommitmentError("anchor_mismatch", "anchor is not the committed state", step=s)
+            if "optim" in rec and anchor.part_digests()["optimizer"].hex() != rec["optim"]:
+                raise CommitmentError("anchor_mismatch", "the anchor's optimizer state is not the committed one", step=s)
             if anchor.world_size != contract.training.world_size:  # else no rank's RNG could be compared
                 raise ContractViolationError("anchor_world_size", f"the anchor holds {anchor.world_size} processes' RNG "
                                              f"state, the contract has world_size {contract.training.world_size}", step=s)  # fmt: skip

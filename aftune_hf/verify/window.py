@@ -72,8 +72,13 @@ def check_window(
                                f"the contract has world_size {world}", step=start)  # fmt: skip
     expected = expected or derive_expected(contract, workdir / "expected")
     try:
+        cells = None
+        if contract.audit.layer_blocks is not None:  # the cell tables and optimizer digests are re-derived too
+            from ..cells.track import CellTracker
+
+            cells = CellTracker(contract.audit.layer_blocks)
         replay = replay_window(contract, start, end, anchor, workdir, expected, keep_params=tolerance,
-                               distributed=distributed)  # fmt: skip
+                               distributed=distributed, cells=cells)  # fmt: skip
     except (AftuneError, OSError, MemoryError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001
@@ -116,6 +121,9 @@ def check_window(
                 problems.append(f"loss {f['loss']!r} != recorded {loss_rec!r}")
             if (None if f["grad_norm"] is None else D.encode_float(f["grad_norm"])) != rec["grad_norm"]:
                 problems.append("grad norm differs")
+            for key in ("cells", "optim"):
+                if (f[key].hex() if key in f else None) != rec.get(key):
+                    problems.append(f"{key} digest differs")
         checks.append(StepCheck(s, not problems, state_equal, dist, max_abs, f["loss"] - loss_rec, "; ".join(problems)))
     seconds = time.perf_counter() - t0
     if [c.step for c in checks] != list(range(start + 1, end + 1)) or replay.end is None:

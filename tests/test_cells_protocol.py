@@ -1,0 +1,193 @@
+"""Layer-block cells end to end (issue 19): a real Trainer records the per-step cell commitments
+(tiny Llama, 3 layers in 3 blocks, dropout 0.1, gradient accumulation 2, clipping, fused AdamW), the
+provider opens challenged cells by replaying from its anchors, and the verifier re-executes each cell
+holding only its block. Honest cells PASS; a weight nudge in one block at one step, or a boundary
+activation forged consistently downstream, FAILs exactly the cell it is in; unopened or tampered
+openings FAIL, never ERROR."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from aftune_hf.cells import opening
+from aftune_hf.cells.check import check_cells
+from aftune_hf.cells.opening import Cell, challenge_cells, open_cells
+from aftune_hf.contract import load_contract
+from aftune_hf.trace import TraceReader
+from aftune_hf.verify import verify_trace
+from tests import cellkit
+
+pytestmark = pytest.mark.slow
+BLOCKS = [0, 1, 2, 3]
+NONCE = "5a" * 16
+GRID = [Cell(s, b) for s in range(1, 5) for b in range(3)]
+NUDGE = ("model.layers.1.mlp.down_proj.weight", 3)  # block 1, step 3
+FORGE = (0, 2)  # the output of layer 0 (block 0's boundary) at step 2
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return cellkit.base(tmp_path_factory.mktemp("base3") / "llama3", 3)
+
+
+def _config(contract):
+    """The recipe's model config (what the verifier builds from the contract)."""
+    from aftune_hf.recipes.causal_lm import build
+
+    parts = build(contract, "/tmp/aftune-cells-config", disable_tqdm=True)
+    return parts.model.config
+
+
+def _check(work: Path, openings: Path, cells=GRID):
+    c = load_contract(work / "c.yaml")
+    steps = TraceReader(work / "trace").check_integrity().steps()
+    return {(r.step, r.block): r for r in check_cells(c, steps, cells, openings, _config(c))}
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory, base):
+    work = tmp_path_factory.mktemp("honest")
+    path = cellkit.contract(work, base, BLOCKS, cells=12, min_detection=0.9)
+    cellkit.record(path, work / "trace")
+    open_cells(load_contract(path), work / "trace", GRID, work / "open")
+    return work
+
+
+def test_honest_cells_pass(honest):
+    results = _check(honest, honest / "open")
+    assert len(results) == 12 and all(r.ok for r in results.values()), [r for r in results.values() if not r.ok]
+
+
+def test_verify_with_openings_passes_on_cells_alone(honest):
+    report = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=0, openings=honest / "open")
+    assert report.verdict == "PASS", report.summary()
+    assert len(report.cells) == 12 and report.windows == () and report.cell_detection.achieved == 1.0
+    assert 0.99 < report.cell_detection.flops_share <= 1.0  # every cell of the grid: the whole run once
+    assert "cell detection (12/12 cells)" in report.summary()
+
+
+def test_whole_window_replay_rederives_the_cell_commitments(honest):
+    report = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=2)
+    assert report.verdict == "PASS", report.summary()
+
+
+def test_challenge_is_the_nonce_and_root(honest):
+    c = load_contract(honest / "c.yaml")
+    root = TraceReader(honest / "trace").check_integrity().trace_root
+    a = challenge_cells(c, root, bytes.fromhex(NONCE), 5)
+    assert a == challenge_cells(c, root, bytes.fromhex(NONCE), 5) and len(set(a)) == 5
+    assert a != challenge_cells(c, root, bytes.fromhex("5b" * 16), 5)
+    assert all(1 <= x.step <= 4 and 0 <= x.block < 3 for x in a)
+
+
+class _NudgeInTraining(transformers.TrainerCallback):
+    """The cheat: after step 3's optimizer update, move one weight of block 1 (before the commit)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == NUDGE[1]:
+            with torch.no_grad():
+                model.get_parameter(NUDGE[0]).view(-1)[7] += 1e-3
+
+
+class _NudgeInOpening(opening.Regenerate):
+    """The same cheat in the provider's regeneration: the opening is consistent with the chain."""
+
+    def step_end(self, step, model, optimizer):
+        if step == NUDGE[1]:
+            with torch.no_grad():
+                model.get_parameter(NUDGE[0]).view(-1)[7] += 1e-3
+        return super().step_end(step, model, optimizer)
+
+
+def _forge(model, active):
+    layer = model.model.layers[FORGE[0]]
+
+    def hook(_m, _a, out):
+        if active():
+            return (out[0] + 1e-3, *out[1:]) if isinstance(out, tuple) else out + 1e-3
+        return None
+
+    return layer.register_forward_hook(hook)
+
+
+class _ForgeInOpening(opening.Regenerate):
+    def install(self, model, trainer):
+        self._step = 0
+        _forge(model, lambda: self._step == FORGE[1])  # before the tracker's hook: it digests the forged tensor
+        super().install(model, trainer)
+
+    def step_begin(self, step, model, optimizer):
+        self._step = step
+        super().step_begin(step, model, optimizer)
+
+
+def _cheat(tmp_path_factory, base, name, forger, **record):
+    work = tmp_path_factory.mktemp(name)
+    path = cellkit.contract(work, base, BLOCKS)
+    cellkit.record(path, work / "trace", **record)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(opening, "Regenerate", forger)
+    try:
+        open_cells(load_contract(path), work / "trace", GRID, work / "open")
+    finally:
+        mp.undo()
+    return work
+
+
+def test_nudged_block_weights_fail_exactly_their_cell(tmp_path_factory, base):
+    work = _cheat(tmp_path_factory, base, "nudge", _NudgeInOpening, callbacks=(_NudgeInTraining(),))
+    results = _check(work, work / "open")
+    failed = {k for k, r in results.items() if not r.ok}
+    assert failed == {(3, 1)}, {k: r.detail for k, r in results.items() if not r.ok}
+    assert "updated parameters" in results[(3, 1)].detail
+
+
+def test_forged_boundary_activation_fails_the_cell_that_produces_it(tmp_path_factory, base):
+    state = {"step": 0}
+
+    class Step(transformers.TrainerCallback):
+        def on_step_begin(self, args, s, control, **kwargs):
+            state["step"] = s.global_step + 1
+
+    work = _cheat(tmp_path_factory, base, "forge", _ForgeInOpening, callbacks=(Step(),),
+                  prepare=lambda model: _forge(model, lambda: state["step"] == FORGE[1]))  # fmt: skip
+    results = _check(work, work / "open")
+    failed = {k for k, r in results.items() if not r.ok}
+    assert failed == {(2, 0)}, {k: r.detail for k, r in results.items() if not r.ok}
+    assert "output is not the committed boundary activation" in results[(2, 0)].detail
+    report = verify_trace(work / "trace", work / "c.yaml", nonce=NONCE, windows=2)  # whole windows catch it too
+    assert report.verdict == "FAIL" and any("cells digest differs" in f.reason for f in report.failures)
+
+
+def test_unopened_cells_fail(honest, tmp_path):
+    partial = tmp_path / "open"
+    shutil.copytree(honest / "open", partial)
+    (partial / opening.step_file(2, 1)).unlink()
+    for name in (opening.step_file(4), opening.step_file(4, batch=True)):
+        (partial / name).unlink()
+    results = _check(honest, partial)
+    failed = {k: r.detail for k, r in results.items() if not r.ok}
+    assert set(failed) == {(2, 1), (4, 0), (4, 1), (4, 2)}
+    assert all(d.startswith("cell_unopened") for d in failed.values())
+    report = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=0, openings=partial)
+    assert report.verdict == "FAIL" and {f.check for f in report.failures} == {"cells"}
+
+
+def test_every_tampered_opening_file_fails_never_errors(honest, tmp_path):
+    """A byte flipped in the middle of any opening file FAILs the cells that read it (no exception)."""
+    files = sorted(p.name for p in (honest / "open").iterdir() if p.name.startswith("step-00000003"))
+    for name in files:
+        bad = tmp_path / name.replace(".", "_")
+        shutil.copytree(honest / "open", bad)
+        blob = bytearray((bad / name).read_bytes())
+        blob[len(blob) // 2 + 3] ^= 0x10
+        (bad / name).write_bytes(bytes(blob))
+        results = _check(honest, bad, [Cell(3, b) for b in range(3)])
+        hit = {b for (s, b), r in results.items() if not r.ok}
+        whole = not name.endswith(tuple(f"block-{b:03d}.safetensors" for b in range(3)))
+        assert hit == ({0, 1, 2} if whole else {int(name[-15:-12])}), (name, {k: r.detail for k, r in results.items()})
