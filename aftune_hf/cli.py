@@ -11,7 +11,8 @@
     aftune push TRACE REPO_ID [--private] [--repo-type model|dataset] [--sign KEY]
     aftune keygen PATH            an Ed25519 signing key (PATH) and its public key (PATH.pub)
     aftune sign TRACE --key KEY   sign a sealed root (signature.dsse.json); verify with --signer KEY.pub
-    aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C]
+    aftune plan --steps N --anchor-every K [--bad-fraction F] [--confidence C] [--model DIR --layer-blocks 0,2,4]
+    aftune cells challenge|open TRACE --contract FILE --nonce HEX [--out DIR]   layer-block cells (verify --openings DIR)
     TRACE and LOG may be hf://[datasets/]OWNER/NAME@COMMIT_SHA (downloaded at that commit only).
 
 Exit codes: 0 success (PASS), 1 the trace failed a check (provider fault), 2 usage or
@@ -122,7 +123,7 @@ def _verify(args: argparse.Namespace) -> int:
     only = None if args.only_windows is None else [int(i) for i in args.only_windows.split(",") if i.strip()]
     report = verify_trace(args.trace, args.contract, nonce=args.nonce, windows=args.windows, model=args.model, log=log,
                           only_windows=only, data_check=not args.no_data_check, endpoint=args.endpoint,
-                          progress=log is not None, signer=args.signer)  # fmt: skip
+                          progress=log is not None, signer=args.signer, openings=args.openings, cells=args.cells)  # fmt: skip
     _write_reports(report, args)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
@@ -141,7 +142,7 @@ def _verify_launched(args: argparse.Namespace) -> int:
 
     import torch
 
-    if args.only_windows is not None or args.no_data_check or args.html or args.json:
+    if args.only_windows is not None or args.no_data_check or args.html or args.json or args.openings:
         raise ConfigError("invalid_arguments", "--processes takes TRACE, --contract, --nonce, --windows, --model, "
                           "--report, --endpoint and --quiet")  # fmt: skip
     n = str(args.processes)
@@ -253,12 +254,16 @@ def _plan(args: argparse.Namespace) -> int:
         p = plan(args.steps, args.anchor_every, args.bad_fraction, args.confidence)
     except ValueError as e:
         raise ConfigError("invalid_plan", str(e)) from None
+    if not args.json:
+        print(f"{p['windows']} of {p['windows_total']} windows (re-executing {p['share_reexecuted']:.1%} of training) "
+              f"catch a provider who falsified {args.bad_fraction:.1%} of the windows with probability {p['probability']:.2%}")  # fmt: skip
+        print(f"set audit.windows: {p['windows']} in the contract (or pass --windows {p['windows']} to aftune verify)")
+    if args.layer_blocks:
+        from .cells.cli import print_cell_plan
+
+        print_cell_plan(args, p)
     if args.json:
         print(json.dumps(p, indent=2))
-        return 0
-    print(f"{p['windows']} of {p['windows_total']} windows (re-executing {p['share_reexecuted']:.1%} of training) "
-          f"catch a provider who falsified {args.bad_fraction:.1%} of the windows with probability {p['probability']:.2%}")  # fmt: skip
-    print(f"set audit.windows: {p['windows']} in the contract (or pass --windows {p['windows']} to aftune verify)")
     return 0
 
 
@@ -300,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace")
     p.add_argument("--contract", required=True, help="your own copy of the contract")
     p.add_argument("--nonce", help="challenge nonce (hex); drawn at random and printed when absent")
-    p.add_argument("--windows", type=positive_int, help="windows to re-execute, >= 1 (default: the contract's audit.windows)")
+    p.add_argument("--windows", type=int, help="windows to re-execute (default: the contract's audit.windows; 0 with --openings: cells only)")
+    p.add_argument("--openings", help="the provider's opening of this nonce's cells (aftune cells open): check them too")
+    p.add_argument("--cells", type=positive_int, help="cells challenged (default: the contract's audit.cells)")
     p.add_argument("--model", help="the weights or adapter you received; must equal the trace's final state")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--html", help="write a self-contained HTML report here")
@@ -357,8 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor-every", type=int, required=True)
     p.add_argument("--bad-fraction", type=float, default=0.05)
     p.add_argument("--confidence", type=float, default=0.99)
+    p.add_argument("--model", help="with --layer-blocks: the base model directory (its config.json)")
+    p.add_argument("--layer-blocks", help="block boundaries, e.g. 0,2,4: also plan layer-block cells")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
+    from .cells.cli import add_parsers
+
+    add_parsers(sub)
     p = sub.add_parser("calibrate", help="measure honest replay noise here against a trace recorded elsewhere")
     p.add_argument("trace")
     p.add_argument("--contract", required=True)

@@ -286,8 +286,7 @@ def _update(contract: Contract, model: torch.nn.Module, params: dict[str, torch.
     max_norm = contract.training.max_grad_norm
     if max_norm > 0 and with_grad:
         torch.nn.utils.clip_grads_with_norm_([p for _, p in with_grad], max_norm, total)
-    with tempfile.TemporaryDirectory(prefix="aftune-cell-") as tmp:
-        args = transformers.TrainingArguments(output_dir=tmp, report_to=[], **contract.training_arguments_kwargs())
+    args = _training_arguments(contract)
     cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
     decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
     groups = [{"params": [p for n, p in params.items() if (n in decay) == d], "weight_decay": wd}
@@ -303,6 +302,20 @@ def _update(contract: Contract, model: torch.nn.Module, params: dict[str, torch.
         g["lr"] = lr
     optimizer.step()
     return optimizer
+
+
+_ARGS: dict[str, Any] = {}
+
+
+def _training_arguments(contract: Contract) -> Any:
+    """The contract's ``TrainingArguments`` (what the Trainer builds its optimizer from), made once."""
+    import transformers
+
+    key = contract.digest_hex()
+    if key not in _ARGS:
+        with tempfile.TemporaryDirectory(prefix="aftune-cell-") as tmp:
+            _ARGS[key] = transformers.TrainingArguments(output_dir=tmp, report_to=[], **contract.training_arguments_kwargs())
+    return _ARGS[key]
 
 
 def _optimizer_digests(optimizer: Any, params: dict[str, torch.Tensor]) -> dict[str, str]:
