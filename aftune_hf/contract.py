@@ -214,10 +214,12 @@ class Contract:
         if len(b) < 2 or b[0] != 0 or any(x >= y for x, y in zip(b, b[1:])):
             raise ConfigError("invalid_audit", f"audit.layer_blocks must rise strictly from 0 to the layer count, got {list(b)}")
         why = {"mode: tolerance": self.audit.mode != "exact", "PEFT": self.is_peft, "several processes": self.training.world_size > 1,
-               f"precision {self.training.precision}": self.training.precision != "fp32"}  # fmt: skip
+               f"precision {self.training.precision}": self.training.precision != "fp32",
+               f"trainer {self.trainer} (it computes its loss outside the model)": self.trainer.startswith("trl:")}  # fmt: skip
         refused = [k for k, v in why.items() if v]
         if refused:
-            raise ConfigError("invalid_audit", f"layer-block cells are built for one-process exact fp32 full fine-tunes; "
+            raise ConfigError("invalid_audit", f"layer-block cells are built for one-process exact fp32 full fine-tunes "
+                              "whose loss is the model's own; "
                               f"not with {', '.join(refused)} (docs/SECURITY.md, Cells)")  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------

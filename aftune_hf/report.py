@@ -261,6 +261,11 @@ class VerificationReport:
             probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())
             lines.append(f"  cell detection ({d.cells_checked}/{d.cells_total} cells): {probs}; cost {d.flops_share:.2%} of "
                          f"training FLOPs, peak {d.peak_bytes / 2**20:.1f} MiB of block state")  # fmt: skip
+        if self.cell_detection and self.verdict == INCONCLUSIVE and not self.detection:
+            d = self.cell_detection
+            lines.insert(1, f"  no cheat found, but too few cells: a provider who falsified {d.fraction:.0%} of the cells is "
+                         f"caught with {d.achieved:.1%}, the contract requires {d.required:.0%} (audit.min_detection); "
+                         "challenge more --cells")  # fmt: skip
         if self.detection:
             d = self.detection
             probs = ", ".join(f"f={f}: {p:.1%}" for f, p in d.by_fraction.items())

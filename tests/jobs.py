@@ -20,8 +20,9 @@ def texts() -> list[str]:
     return [f"{r['instruction']} {r['response']}" for r in rows()]
 
 
-def make_gpt2(out: Path, *, n_embd: int = 48, seed: int = 0) -> Path:
-    """A tiny GPT-2 with its own byte-level BPE tokenizer (trained on the dataset), saved the HF way."""
+def make_gpt2(out: Path, *, n_embd: int = 48, seed: int = 0, **config: Any) -> Path:
+    """A tiny GPT-2 with its own byte-level BPE tokenizer (trained on the dataset), saved the HF way;
+    ``config`` overrides GPT2Config fields (``n_layer``, ``tie_word_embeddings``)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -31,8 +32,8 @@ def make_gpt2(out: Path, *, n_embd: int = 48, seed: int = 0) -> Path:
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                             unk_token="<|endoftext|>")  # fmt: skip
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=2, n_head=4,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # dropout 0.1 everywhere: on
+    config = GPT2Config(**{"vocab_size": len(tok), "n_positions": 128, "n_embd": n_embd, "n_layer": 2, "n_head": 4,
+                           "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, **config})  # dropout 0.1: on
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(out)
     tok.save_pretrained(out)

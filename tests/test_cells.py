@@ -96,3 +96,82 @@ def test_a_block_outside_the_model_or_without_its_weights_is_refused():
     weights = {k: v for k, v in model.state_dict().items() if "layers.1.mlp" not in k}
     with pytest.raises(ValueError, match="lack"):
         block_model(model.config, 1, 2, weights)
+
+
+# -- contract, challenge and plan (no training) -------------------------------------------------
+
+
+def _contract(**audit):
+    import yaml
+
+    from aftune_hf.contract import Contract
+    from tests.conftest import CONFIGS
+
+    data = yaml.safe_load((CONFIGS / "tiny-full.yaml").read_text())
+    data["audit"].update(audit)
+    return Contract.from_dict(data)
+
+
+@pytest.mark.parametrize("blocks", [[1, 2], [0, 2, 2], [0], [0, 3, 1]])
+def test_layer_blocks_must_rise_from_zero(blocks):
+    from aftune_hf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rise strictly from 0"):
+        _contract(layer_blocks=blocks)
+
+
+@pytest.mark.parametrize("change, what", [({"audit": {"mode": "tolerance", "tolerance": 0.1, "checkpoint_every": 1}}, "mode: tolerance"),
+                                          ({"training": {"world_size": 2}}, "several processes"),
+                                          ({"training": {"precision": "bf16"}}, "precision bf16"),
+                                          ({"peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}}, "PEFT")])  # fmt: skip
+def test_cells_outside_their_scope_are_refused_by_the_contract(change, what):
+    import yaml
+
+    from aftune_hf.contract import Contract
+    from aftune_hf.errors import ConfigError
+    from tests.conftest import CONFIGS
+
+    data = yaml.safe_load((CONFIGS / "tiny-full.yaml").read_text())
+    data["audit"]["layer_blocks"] = [0, 1, 2]
+    for section, values in change.items():
+        data[section] = {**data.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=f"not with {what}"):
+        Contract.from_dict(data)
+
+
+def test_a_contract_without_cells_keeps_its_digest():
+    """``layer_blocks``/``cells`` enter the canonical form only when set: older contracts hash as before."""
+    plain, cells = _contract(), _contract(layer_blocks=[0, 1, 2])
+    assert "layer_blocks" not in plain.canonical()["audit"] and "cells" not in plain.canonical()["audit"]
+    assert cells.canonical()["audit"]["layer_blocks"] == [0, 1, 2] and plain.digest() != cells.digest()
+    assert _contract(cells=3).digest() == plain.digest()  # only meaningful with blocks
+
+
+def test_the_challenge_is_uniform_over_the_grid():
+    from collections import Counter
+
+    from aftune_hf.cells.opening import challenge_cells
+
+    c = _contract(layer_blocks=[0, 1, 2])  # 12 steps x 2 blocks
+    seen = Counter()
+    for i in range(300):
+        cells = challenge_cells(c, bytes(32), i.to_bytes(8, "big"), 6)
+        assert len(set(cells)) == 6 and all(1 <= x.step <= 12 and x.block in (0, 1) for x in cells)
+        seen.update(cells)
+    assert len(seen) == 24 and max(seen.values()) < 2 * min(seen.values())  # each cell about 300 * 6 / 24 = 75 times
+
+
+def test_the_plan_prices_cells_by_their_blocks():
+    from aftune_hf.cells.plan import block_costs, cell_plan
+    from aftune_hf.report import plan
+
+    config = tiny("llama", layers=4).config
+    shares, sizes = block_costs(config, [0, 2, 4])
+    assert abs(sum(shares) - 1) < 1e-12 and len(sizes) == 2
+    h, v = config.hidden_size, config.vocab_size
+    assert sizes[1] - sizes[0] == 16 * h  # both hold two layers and a v x h table; the last also the final norm
+    layer = (sizes[0] / 16 - v * h) / 2  # parameters of one layer
+    assert shares[0] == pytest.approx(2 * layer / (4 * layer + h + v * h))  # the input table is indexed, not multiplied
+    p = cell_plan(1000, [0.25] * 4, 0.1, 0.99)
+    assert p["cells"] == 44 and p["probability"] >= 0.99 and abs(p["flops_share"] - 44 * 0.25 / 1000) < 1e-12
+    assert plan(1000, 10, 0.1, 0.99)["share_reexecuted"] > 30 * p["flops_share"]  # whole windows: ~37 %

@@ -191,3 +191,49 @@ def test_every_tampered_opening_file_fails_never_errors(honest, tmp_path):
         hit = {b for (s, b), r in results.items() if not r.ok}
         whole = not name.endswith(tuple(f"block-{b:03d}.safetensors" for b in range(3)))
         assert hit == ({0, 1, 2} if whole else {int(name[-15:-12])}), (name, {k: r.detail for k, r in results.items()})
+
+
+def test_the_cli_round_trip(honest, tmp_path, capsys):
+    """`aftune cells challenge` and `cells open` (provider), `aftune verify --openings` (client), `aftune plan`."""
+    from aftune_hf.cli import main
+
+    trace, contract = str(honest / "trace"), str(honest / "c.yaml")
+    assert main(["cells", "challenge", trace, "--contract", contract, "--nonce", NONCE, "--cells", "3", "--json"]) == 0
+    chosen = __import__("json").loads(capsys.readouterr().out)
+    assert len(chosen) == 3 and all(set(x) == {"step", "block"} for x in chosen)
+    out = tmp_path / "opening"
+    assert main(["cells", "open", trace, "--contract", contract, "--nonce", NONCE, "--cells", "3", "--out", str(out)]) == 0
+    assert "opened 3 cells" in capsys.readouterr().out
+    code = main(["verify", trace, "--contract", contract, "--nonce", NONCE, "--windows", "0", "--openings", str(out),
+                 "--cells", "3", "--quiet"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 3 and "cell detection (3/12 cells)" in text and "INCONCLUSIVE" in text  # 3 of 12 < min_detection 0.9
+    assert main(["verify", trace, "--contract", contract, "--nonce", "6b" * 16, "--windows", "0", "--openings", str(out),
+                 "--cells", "3", "--quiet"]) == 1  # another nonce challenges other cells: those are not opened
+    assert "cell_unopened" in capsys.readouterr().out
+    assert main(["plan", "--steps", "1000", "--anchor-every", "10", "--bad-fraction", "0.1", "--model",
+                 str(load_contract(contract).resolve(load_contract(contract).base_model.path)), "--layer-blocks", "0,1,2,3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "windows" in lines[0] and lines[-1].startswith("or 44 of 3000 cells (3 blocks;")
+
+
+def test_an_opening_published_at_a_pinned_revision(honest, hub):
+    """The provider publishes the opening with `aftune push` (the real huggingface_hub client against
+    tests/hub_server.py, a local stand-in for the Hub); the client verifies it at that commit. A later
+    commit that swaps a tensor file does not change what the pinned revision serves."""
+    from aftune_hf.hub import push_trace
+
+    fake, endpoint = hub
+    pushed = push_trace(honest / "open", "provider/openings", endpoint=endpoint, token="hf_test")
+    assert pushed.uri.startswith("hf://provider/openings@") and len(pushed.commit_sha) == 40
+    report = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=0, openings=pushed.uri, endpoint=endpoint)
+    assert report.verdict == "PASS" and len(report.cells) == 12, report.summary()
+    moved = honest.parent / "moved"
+    shutil.copytree(honest / "open", moved, dirs_exist_ok=True)
+    (moved / opening.step_file(2, 1)).write_bytes((moved / opening.step_file(3, 1)).read_bytes())
+    later = push_trace(moved, "provider/openings", endpoint=endpoint, token="hf_test")
+    assert later.commit_sha != pushed.commit_sha
+    again = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=0, openings=pushed.uri, endpoint=endpoint)
+    assert again.verdict == "PASS"
+    bad = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=0, openings=later.uri, endpoint=endpoint)
+    assert bad.verdict == "FAIL" and {(f.step, f.check) for f in bad.failures} == {(2, "cells")}, bad.summary()

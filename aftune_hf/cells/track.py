@@ -164,7 +164,10 @@ class CellTracker:
         if not self.micro or self.norms is None:
             raise RecorderError("capture_failed", "layer-block cells: no training forward or no gradient clipping seen")
         for m in self.micro:
-            if None in m["rng"] or None in m["act"] or None in m["grad"] or m["loss_grad"] is None:
+            if m["loss_grad"] is None:
+                raise RecorderError("cells_unsupported", "the model's own loss was not back-propagated: the Trainer "
+                                    "trains on a loss of its own, which layer-block cells do not cover")  # fmt: skip
+            if None in m["rng"] or None in m["act"] or None in m["grad"]:
                 raise RecorderError("capture_failed", "layer-block cells: a block boundary was not passed in both directions")
         return {"blocks": [list(b) for b in self.blocks], "micro": self.micro, "norms": self.norms, "total": self.total}
 

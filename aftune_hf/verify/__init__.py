@@ -71,8 +71,9 @@ def verify_trace(
         progress: show a tqdm progress bar over the replayed windows.
         signer: the provider's public key (PEM) the client pinned: the trace must carry a DSSE
             signature by it over this root and contract (:mod:`aftune_hf.attest`), else FAIL.
-        openings: the provider's opening of the cells this nonce challenges (``aftune cells open``):
-            check them too (:mod:`aftune_hf.cells.check`); needs ``audit.layer_blocks``.
+        openings: the provider's opening of the cells this nonce challenges (``aftune cells open``), a
+            directory or ``hf://[datasets/]OWNER/NAME@COMMIT_SHA`` where the provider published it
+            (``aftune push``): check them too (:mod:`aftune_hf.cells.check`); needs ``audit.layer_blocks``.
         cells: how many cells to challenge (default: the contract's ``audit.cells``).
     """
     say = log or (lambda _m: None)
@@ -147,6 +148,14 @@ def verify_trace(
             cell_results, cell_detection = (), None
             if openings is not None:
                 say("checking the challenged layer-block cells")
+                if isinstance(openings, str) and openings.startswith("hf://"):  # published at a pinned revision
+                    from ..hub import parse_uri
+                    from ..hub_pull import pull
+
+                    repo_id, revision, repo_type = parse_uri(openings)
+                    say(f"downloading the opening {openings}")
+                    openings = pull(repo_id, revision, work / "openings", repo_type=repo_type, endpoint=endpoint,
+                                    progress=progress)  # fmt: skip
                 cell_results, cell_detection = _cells_check(c, integrity, nonce_bytes, cells, openings, parts, progress)
                 failures.extend(Failure("cells", r.detail.split(":")[0], r.detail, r.step) for r in cell_results if not r.ok)
             if env_diffs and failures and all(f.check == "replay" for f in failures):
