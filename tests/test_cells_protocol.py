@@ -164,6 +164,42 @@ def test_forged_boundary_activation_fails_the_cell_that_produces_it(tmp_path_fac
     assert report.verdict == "FAIL" and any("cells digest differs" in f.reason for f in report.failures)
 
 
+class _ReseedInOpening(opening.Regenerate):
+    def install(self, model, trainer):
+        self._step = 0
+        _reseed(model, lambda: self._step == FORGE[1])
+        super().install(model, trainer)
+
+    def step_begin(self, step, model, optimizer):
+        self._step = step
+        super().step_begin(step, model, optimizer)
+
+
+def _reseed(model, active):
+    """The cheat: choose block 1's dropout masks (reseed where it starts) instead of drawing on."""
+
+    def pre(_m, _a):
+        if active():
+            torch.manual_seed(1234)
+
+    return model.model.layers[1].register_forward_pre_hook(pre)
+
+
+def test_chosen_dropout_masks_fail_the_cell_before_them(tmp_path_factory, base):
+    state = {"step": 0}
+
+    class Step(transformers.TrainerCallback):
+        def on_step_begin(self, args, s, control, **kwargs):
+            state["step"] = s.global_step + 1
+
+    work = _cheat(tmp_path_factory, base, "reseed", _ReseedInOpening, callbacks=(Step(),),
+                  prepare=lambda model: _reseed(model, lambda: state["step"] == FORGE[1]))  # fmt: skip
+    results = _check(work, work / "open")
+    failed = {k for k, r in results.items() if not r.ok}
+    assert failed == {(2, 0)}, {k: r.detail for k, r in results.items() if not r.ok}
+    assert "RNG state where the block ends" in results[(2, 0)].detail
+
+
 def test_unopened_cells_fail(honest, tmp_path):
     partial = tmp_path / "open"
     shutil.copytree(honest / "open", partial)

@@ -248,6 +248,8 @@ def _check_cell(contract: Contract, config: Any, root: Path, step: _Step, block:
         run = run_block(model, first, end, inputs, grad_out, rng=tensors[f"rng/{m}"], accumulate=True, **kwargs)
         if block < last and tensor_hex(run.output) != table["micro"][m]["act"][block]:
             problems.append(f"micro-batch {m}: the block's output is not the committed boundary activation")
+        if block < last and rng_hex(run.rng_out) != table["micro"][m]["rng"][block + 1]:
+            problems.append(f"micro-batch {m}: the RNG state where the block ends is not the one the next block starts from")
         if block == last:
             value = run.output.detach().double()
             loss = value if loss is None else loss + value

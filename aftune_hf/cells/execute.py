@@ -29,9 +29,9 @@ from accelerate import init_empty_weights
 class _BlockDone(Exception):
     """Raised by the hook on the block's last layer: nothing after the block is run."""
 
-    def __init__(self, output: torch.Tensor) -> None:
+    def __init__(self, output: torch.Tensor, rng: torch.Tensor) -> None:
         super().__init__()
-        self.output = output
+        self.output, self.rng = output, rng
 
 
 class _PassThrough(torch.nn.Module):
@@ -48,6 +48,7 @@ class CellRun:
     output: torch.Tensor
     input_grad: torch.Tensor | None
     param_grads: dict[str, torch.Tensor]
+    rng_out: torch.Tensor | None = None  # the generator state where the block ended (a block before the last)
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -121,7 +122,7 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
     ``rng``: the generator state (:func:`aftune_hf.cells.track.rng_state`) the block starts from, set
     where it starts (dropout). ``accumulate``: add the parameter gradients into ``.grad``, as the
     Trainer's backward over several micro-batches does (``param_grads`` then holds ``.grad``)."""
-    from .track import set_rng_state
+    from .track import rng_state, set_rng_state
 
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     layers = decoder_layers(model)[1]
@@ -135,7 +136,7 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     def stop(_m: Any, _a: Any, out: Any) -> None:
-        raise _BlockDone(out[0] if isinstance(out, tuple) else out)
+        raise _BlockDone(out[0] if isinstance(out, tuple) else out, rng_state(device))
 
     if first > 0:
         hooks.append(layers[first].register_forward_pre_hook(swap_in, with_kwargs=True))
@@ -145,12 +146,13 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
     if rng is not None and first == 0:
         set_rng_state(rng, device)
     try:
+        rng_out = None
         result = model(**feed, use_cache=False, **forward_kwargs)
         output = result.loss
         if output is None:
             raise ValueError("a block ending at the last layer needs the step's labels to compute its loss")
     except _BlockDone as done:
-        output = done.output
+        output, rng_out = done.output, done.rng
     finally:
         for h in hooks:
             h.remove()
@@ -158,8 +160,8 @@ def run_block(model: torch.nn.Module, first: int, last: int, inputs: torch.Tenso
     wrt = list(params.values()) if first == 0 else [x, *params.values()]
     if accumulate:
         torch.autograd.backward(output, grad_out, inputs=wrt)
-        return CellRun(output.detach(), None if first == 0 else x.grad, {n: p.grad for n, p in params.items()})
+        return CellRun(output.detach(), None if first == 0 else x.grad, {n: p.grad for n, p in params.items()}, rng_out)
     grads = torch.autograd.grad(output, wrt, grad_out, allow_unused=True)
     grads = (None, *grads) if first == 0 else grads
     return CellRun(output.detach(), grads[0],
-                   {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads[1:])})  # fmt: skip
+                   {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads[1:])}, rng_out)  # fmt: skip

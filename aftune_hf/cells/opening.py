@@ -33,7 +33,7 @@ from ..contract import Contract, load_contract
 from ..live import encoded_optimizer, snapshot, trainable_params
 from ..safeio import atomic_save_safetensors, atomic_write_bytes
 from .execute import _block_names
-from .track import CellTracker, block_ranges, table_digest
+from .track import CellTracker, table_digest
 
 OPENING_FORMAT = "aftune-cells-opening"
 OPENING_VERSION = 1
