@@ -113,6 +113,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     trace_dir(args.trace)
     signer_key(args.signer)
+    if args.windows is not None and args.windows < (0 if args.openings else 1):
+        raise ConfigError("invalid_windows", f"--windows must be >= 1 (0 with --openings: cells only), got {args.windows}")
     if args.nonce is not None:
         from .verify.structure import parse_nonce
 

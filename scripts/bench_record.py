@@ -1,7 +1,7 @@
 """Recording overhead: Trainer step time with vs without AuditCallback, measured side by side.
 
     python scripts/bench_record.py [--hidden 512 --layers 6 --steps 12 --rounds 4] [--control]
-        [--kinds tiny-lora] [--batch 16 --grad-accum 2 --precision bf16]
+        [--kinds tiny-lora tiny-full tiny-full+cells] [--batch 16 --grad-accum 2 --precision bf16]
     python scripts/bench_record.py --pool run1.json run2.json ...   # pool the rounds of earlier runs
 
 Builds a Llama-style base model large enough that one optimizer step takes >= 0.5 s on a
@@ -130,7 +130,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=4, help="even, so each side runs first equally often")
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps not timed")
-    ap.add_argument("--kinds", nargs="+", default=["tiny-lora", "tiny-full"], choices=["tiny-lora", "tiny-full"])
+    ap.add_argument("--kinds", nargs="+", default=["tiny-lora", "tiny-full"], choices=["tiny-lora", "tiny-full", "tiny-full+cells"],
+                    help="tiny-full+cells: the full fine-tune with layer-block cells, one layer per block")
     ap.add_argument("--batch", type=int, help="per-device batch size (default: the config's)")
     ap.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the config's)")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the config's (fp32)")
@@ -149,8 +150,11 @@ def main() -> int:
                                   "precision": a.precision}.items() if v is not None}  # fmt: skip
     results = {}
     for kind in a.kinds:
-        audit = {"anchor_every": 8, "checkpoint_every": 4} if kind == "tiny-full" else {}
-        path = bench_contract(work, kind, base, digest, steps=a.steps, sections={"training": training}, **audit)
+        audit = {"anchor_every": 8, "checkpoint_every": 4} if kind.startswith("tiny-full") else {}
+        if kind.endswith("+cells"):
+            audit["layer_blocks"] = list(range(a.layers + 1))
+        path = bench_contract(work, kind.split("+")[0], base, digest, steps=a.steps, sections={"training": training},
+                              name=kind.replace("+", "-"), **audit)  # fmt: skip
         contract = load_contract(path)
         plain, audited, on_thread, writer, rounds, chain_bytes = [], [], [], [], [], 0.0
         for i in range(a.rounds):  # interleaved, order alternating (ABBA): drift and order hit both sides alike

@@ -10,12 +10,12 @@ import yaml
 from tests.conftest import CONFIGS, DATASET
 
 
-def base(out: Path, layers: int = 3) -> tuple[Path, str]:
-    """A tiny Llama base with ``layers`` decoder layers: (its directory, its digest)."""
+def base(out: Path, layers: int = 3, **config: Any) -> tuple[Path, str]:
+    """A tiny Llama base with ``layers`` decoder layers (``config``: other LlamaConfig fields): (its directory, its digest)."""
     from aftune_hf.recipes.causal_lm import make_base_model
 
     if not (out / "config.json").is_file():
-        make_base_model(out, num_hidden_layers=layers)
+        make_base_model(out, num_hidden_layers=layers, **config)
     from aftune_hf.artifacts import model_dir_digest
 
     return out, model_dir_digest(out).hex()

@@ -63,6 +63,18 @@ def test_honest_cells_pass(honest):
     assert len(results) == 12 and all(r.ok for r in results.values()), [r for r in results.values() if not r.ok]
 
 
+def test_a_tied_llama_with_uneven_blocks_passes(tmp_path_factory):
+    """tie_word_embeddings (the head is the embedding matrix), 4 layers in blocks [0, 1, 3, 4]."""
+    work = tmp_path_factory.mktemp("tied")
+    model = cellkit.base(work / "llama4", 4, tie_word_embeddings=True)
+    path = cellkit.contract(work, model, [0, 1, 3, 4], steps=3)
+    cellkit.record(path, work / "trace")
+    grid = [Cell(s, b) for s in range(1, 4) for b in range(3)]
+    open_cells(load_contract(path), work / "trace", grid, work / "open")
+    results = _check(work, work / "open", grid)
+    assert all(r.ok for r in results.values()), {k: r.detail for k, r in results.items() if not r.ok}
+
+
 def test_verify_with_openings_passes_on_cells_alone(honest):
     report = verify_trace(honest / "trace", honest / "c.yaml", nonce=NONCE, windows=0, openings=honest / "open")
     assert report.verdict == "PASS", report.summary()

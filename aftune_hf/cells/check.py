@@ -34,9 +34,9 @@ from ..contract import Contract
 from ..report import CellResult
 from ..errors import CommitmentError, ManifestMismatchError, ProviderFault, ReplayMismatchError, TraceFormatError
 from ..safeio import loads_json_strict, parse_safetensors, read_regular_file
-from .execute import _block_names, block_model, decoder_layers, run_block
+from .execute import _block_names, block_model, decoder_layers, meta_model, run_block
 from .opening import OPENING_FORMAT, OPENING_VERSION, Cell, step_file
-from .track import block_ranges, rng_hex, table_digest, tensor_hex, tensor_norms, total_norm
+from .track import block_ranges, rng_hex, table_digest, tensor_hex, tensor_norms, tied_across_blocks, total_norm
 
 MAX_JSON = 64 << 20
 MAX_TENSORS = 64 << 30
@@ -77,13 +77,13 @@ def check_cells(contract: Contract, steps: Mapping[int, Mapping[str, Any]], cell
         try:
             if cell.step not in opened:
                 try:
-                    opened[cell.step] = _open_step(root, cell.step, steps, ranges, layout[0])
+                    opened[cell.step] = _open_step(root, cell.step, steps, ranges, layout)
                 except ProviderFault as e:
                     opened[cell.step] = e
             step = opened[cell.step]
             if isinstance(step, ProviderFault):
                 raise step
-            _check_cell(contract, config, root, step, cell.block, ranges, layout[1][cell.block])
+            _check_cell(contract, config, root, step, cell.block, ranges, layout)
             results.append(CellResult(cell.step, cell.block, True, "", time.perf_counter() - t0))
         except ProviderFault as e:
             results.append(CellResult(cell.step, cell.block, False, f"{e.code}: {e.detail}"[:300], time.perf_counter() - t0))
@@ -95,17 +95,23 @@ def check_cells(contract: Contract, steps: Mapping[int, Mapping[str, Any]], cell
     return results
 
 
-def _layout(config: Any, ranges: list[tuple[int, int]]) -> tuple[list[str], list[list[str]]]:
-    """The model's parameter names in registration order, and each block's."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+@dataclass(frozen=True)
+class _Layout:
+    """The model's parameter names in registration order, each block's, and the tied head (if any)."""
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+    order: list[str]
+    blocks: list[list[str]]
+    ties: list[tuple[str, str]]  # (head name, embedding name)
+
+
+def _layout(config: Any, ranges: list[tuple[int, int]]) -> _Layout:
+    """The model's parameter names in registration order, and each block's."""
+    model = meta_model(config)
     n = len(decoder_layers(model)[1])
     if ranges[-1][1] != n:
         raise ManifestMismatchError("cells_layout", f"audit.layer_blocks ends at {ranges[-1][1]}; the model has {n} layers")
-    return [name for name, _ in model.named_parameters()], [_block_names(model, f, last) for f, last in ranges]
+    return _Layout([name for name, _ in model.named_parameters()], [_block_names(model, f, last) for f, last in ranges],
+                   tied_across_blocks(model, ranges))  # fmt: skip
 
 
 def _read(root: Path, rel: str, max_bytes: int) -> bytes:
@@ -125,7 +131,7 @@ def _root(digests: Mapping[str, str]) -> str:
     return D.named_digest({n: bytes.fromhex(h) for n, h in digests.items()}, D.STATE_TREE).hex()
 
 
-def _check_table(table: Any, ranges: list[tuple[int, int]], micro: int) -> None:
+def _check_table(table: Any, ranges: list[tuple[int, int]], micro: int, ties: int) -> None:
     def bad(why: str) -> TraceFormatError:
         return TraceFormatError("opening_invalid", f"cell table: {why}")
 
@@ -137,9 +143,11 @@ def _check_table(table: Any, ranges: list[tuple[int, int]], micro: int) -> None:
         raise bad("one entry per micro-batch")
     n = len(ranges)
     for m in table["micro"]:
-        if not isinstance(m, dict) or set(m) != {"rng", "act", "grad", "loss_grad"}:
+        if not isinstance(m, dict) or set(m) != {"rng", "act", "grad", "loss_grad"} | ({"tied"} if ties else set()):
             raise bad("micro-batch keys")
-        for key, count in (("rng", n), ("act", n - 1), ("grad", n - 1)):
+        for key, count in (("rng", n), ("act", n - 1), ("grad", n - 1), ("tied", ties)):
+            if key == "tied" and not ties:
+                continue
             if not isinstance(m[key], list) or len(m[key]) != count or not all(isinstance(h, str) and _HEX.fullmatch(h) for h in m[key]):
                 raise bad(f"micro-batch {key}")
     floats = [table["total"], *(m["loss_grad"] for m in table["micro"])]
@@ -159,7 +167,7 @@ def _f32(v: str) -> torch.Tensor:
 
 
 def _open_step(root: Path, step: int, steps: Mapping[int, Mapping[str, Any]], ranges: list[tuple[int, int]],
-               order: list[str]) -> _Step:  # fmt: skip
+               layout: _Layout) -> _Step:  # fmt: skip
     """Read and authenticate step ``step``'s opening: every part must be what the chain commits."""
     rec, prev = steps.get(step), steps.get(step - 1)
     if rec is None or prev is None or "cells" not in rec:
@@ -181,7 +189,7 @@ def _open_step(root: Path, step: int, steps: Mapping[int, Mapping[str, Any]], ra
             batches.append({})
         batches[int(m)][name] = t
     table = man["table"]
-    _check_table(table, ranges, len(batches))
+    _check_table(table, ranges, len(batches), len(layout.ties))
     checks = {
         "cell table": table_digest(table).hex() == rec["cells"],
         "state before the step": _root(parts["params_before"]) == prev["state"],
@@ -194,7 +202,7 @@ def _open_step(root: Path, step: int, steps: Mapping[int, Mapping[str, Any]], ra
     wrong = [k for k, ok in checks.items() if not ok]
     if wrong:
         raise CommitmentError("opening_mismatch", f"the opening's {', '.join(wrong)} is not what the chain commits", step=step)
-    norms = table["norms"]
+    norms, order = table["norms"], layout.order
     if not set(norms) <= set(order) or D.encode_float(float(total_norm([_f32(norms[n]) for n in order if n in norms]))) != table["total"]:
         raise CommitmentError("opening_mismatch", "the table's total gradient norm is not the total of its tensors' norms", step=step)
     grad = D.encode_float(float(torch.ones(()) if rec["num_items"] is not None else torch.ones(()) / len(batches)))
@@ -204,15 +212,19 @@ def _open_step(root: Path, step: int, steps: Mapping[int, Mapping[str, Any]], ra
                  batches, rec)  # fmt: skip
 
 
-def _block_tensors(root: Path, step: _Step, block: int, names: list[str], last: int) -> dict[str, torch.Tensor]:
+def _block_tensors(root: Path, step: _Step, block: int, layout: _Layout, last: int) -> dict[str, torch.Tensor]:
     """Block ``block``'s opened tensors, each the one the table or state lists."""
     rel = step_file(step.step, block)
     tensors = parse_safetensors(_read(root, rel, MAX_TENSORS), path=rel)
-    mine = set(names)
-    listed: dict[str, str] = {f"param/{n}": step.before[n] for n in names if n in step.before}
+    alias = dict(layout.ties)
+    names = layout.blocks[block]
+    mine = {n for n in names if n not in alias}
+    listed: dict[str, str] = {f"param/{n}": step.before[n] for n in {alias.get(n, n) for n in names} if n in step.before}
     listed |= {f"optim/{k}": h for k, h in step.optim_before.items() if k.split("/")[1] in mine}
     for m, micro in enumerate(step.table["micro"]):
         listed[f"rng/{m}"] = micro["rng"][block]
+        if block == 0:
+            listed |= {f"tied/{k}/{m}": h for k, h in enumerate(micro.get("tied", ()))}
         if block > 0:
             listed[f"act_in/{m}"] = micro["act"][block - 1]
         if block < last:
@@ -227,18 +239,24 @@ def _block_tensors(root: Path, step: _Step, block: int, names: list[str], last: 
 
 
 def _check_cell(contract: Contract, config: Any, root: Path, step: _Step, block: int, ranges: list[tuple[int, int]],
-                names: list[str]) -> None:  # fmt: skip
+                layout: _Layout) -> None:  # fmt: skip
     first, end = ranges[block]
     last = len(ranges) - 1
-    tensors = _block_tensors(root, step, block, names, last)
-    weights = {n: tensors[f"param/{n}"] for n in names if f"param/{n}" in tensors}
+    tensors = _block_tensors(root, step, block, layout, last)
+    alias, names = dict(layout.ties), layout.blocks[block]
+    weights = {n: tensors[f"param/{alias.get(n, n)}"] for n in names if f"param/{alias.get(n, n)}" in tensors}
     if set(weights) != set(names):
         raise CommitmentError("opening_mismatch", "the block's parameters are not all trainable state", step=step.step)
     model = block_model(config, first, end, weights).train()
-    params = {n: model.get_parameter(n) for n in names}
+    params = {n: model.get_parameter(n) for n in names if n not in alias}  # a tied head's copy: block 0 updates the tensor
+    heads = [(k, model.get_parameter(a)) for k, (a, _) in enumerate(layout.ties)] if block == last else []
+    shared = [(k, params[o]) for k, (_, o) in enumerate(layout.ties)] if block == 0 else []
+    summed: dict[int, torch.Tensor] = {}
     table, problems = step.table, []
     loss = None
     for m, batch in enumerate(step.batches):
+        for _, p in heads + shared:  # each micro-batch's own contribution to a tied tensor
+            p.grad = None
         kwargs = dict(batch)
         if step.record["num_items"] is not None:
             kwargs["num_items_in_batch"] = torch.tensor(step.record["num_items"])
@@ -255,11 +273,18 @@ def _check_cell(contract: Contract, config: Any, root: Path, step: _Step, block:
             loss = value if loss is None else loss + value
         if block > 0 and tensor_hex(run.input_grad) != table["micro"][m]["grad"][block - 1]:
             problems.append(f"micro-batch {m}: the gradient at the block's input is not the committed one")
+        if any(tensor_hex(p.grad) != table["micro"][m]["tied"][k] for k, p in heads):
+            problems.append(f"micro-batch {m}: the head's share of the tied tensor's gradient is not the committed one")
+        for k, p in shared:  # as autograd sums the two uses' gradients, then accumulates over micro-batches
+            both = tensors[f"tied/{k}/{m}"] + p.grad
+            summed[k] = both if k not in summed else summed[k].add_(both)
+    for k, p in shared:
+        p.grad = summed[k]
     if loss is not None and D.encode_float(float(loss)) != step.record["loss"]:
         problems.append(f"the loss {float(loss)!r} is not the recorded {D.decode_float(step.record['loss'])!r}")
     with_grad = [(n, p) for n, p in params.items() if p.grad is not None]
     norms = table["norms"]
-    if {n for n, _ in with_grad} != set(norms) & set(names):
+    if {n for n, _ in with_grad} != set(norms) & set(params):
         problems.append("the tensors with a gradient are not those the table lists")
     elif with_grad:
         mine = tensor_norms([p.grad for _, p in with_grad])
@@ -271,9 +296,9 @@ def _check_cell(contract: Contract, config: Any, root: Path, step: _Step, block:
     opened = {k[len("optim/"):]: t for k, t in tensors.items() if k.startswith("optim/")}
     optimizer = _update(contract, model, params, with_grad, opened, D.decode_float(step.record["lr"]), _f32(table["total"]))
     after = {n: D.tensor_digest(p.detach()).hex() for n, p in params.items()}
-    moved = [n for n in names if after[n] != step.after.get(n)]
+    moved = [n for n in params if after[n] != step.after.get(n)]
     optim = _optimizer_digests(optimizer, params)
-    mine = {k: h for k, h in step.optim_after.items() if k.split("/")[1] in set(names)}
+    mine = {k: h for k, h in step.optim_after.items() if k.split("/")[1] in set(params)}
     if moved or optim != mine:
         what = f"parameters {moved[:3]}" if moved else "optimizer state"
         raise ReplayMismatchError("cell_mismatch", f"the block's updated {what} are not the committed state after the step",

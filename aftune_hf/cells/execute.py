@@ -51,6 +51,15 @@ class CellRun:
     rng_out: torch.Tensor | None = None  # the generator state where the block ended (a block before the last)
 
 
+def meta_model(config: transformers.PretrainedConfig) -> torch.nn.Module:
+    """The causal LM of ``config`` with every parameter on ``meta`` (buffers real), tied as the real one is
+    (``init_empty_weights`` would leave a tied head a separate meta tensor)."""
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=getattr(config, "_attn_implementation", None))
+    model.tie_weights()
+    return model
+
+
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The model's stack of decoder layers: (its qualified name, the list) -- the first ``ModuleList``
     as long as ``config.num_hidden_layers``."""
@@ -67,6 +76,19 @@ def _outside(model: torch.nn.Module, prefix: str) -> tuple[list[str], list[str]]
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     inside = [i for i, n in enumerate(names) if n.startswith(prefix + ".")]
     return names[: inside[0]], names[inside[-1] + 1 :]
+
+
+def tied(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters registered under a second name: ``{later name: first name}`` -- e.g. a head tied
+    to the token embedding, ``{"lm_head.weight": "model.embed_tokens.weight"}``."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 
 def _block_names(model: torch.nn.Module, first: int, last: int) -> list[str]:
@@ -94,8 +116,7 @@ def block_model(config: transformers.PretrainedConfig, first: int, last: int, we
     the last layer also holds what runs after it (final norm, head). A later block gets zeros for
     the small tables the model computes before its layers (e.g. position embeddings): their
     result is replaced by the opened input."""
-    with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=getattr(config, "_attn_implementation", None))
+    model = meta_model(config)
     prefix, layers = decoder_layers(model)
     if not 0 <= first < last <= len(layers):
         raise ValueError(f"block {first}..{last} outside the model's {len(layers)} layers")

@@ -95,7 +95,7 @@ class Regenerate(CellTracker):
         table = self.end()
         optim = encoded_optimizer(model, optimizer)[0]
         if self._before is not None:
-            self.opened[step] = {"table": table, "micro": self.kept, "names": self.block_names, **self._before,
+            self.opened[step] = {"table": table, "micro": self.kept, "names": self.block_names, "ties": self.ties, **self._before,
                                  "params_after": tensor_digests(trainable_params(model)), "optim_after": tensor_digests(optim)}  # fmt: skip
         return {"cells": table_digest(table), "optim": D.state_digest(optim)}
 
@@ -103,7 +103,8 @@ class Regenerate(CellTracker):
 def write_opening(out: Path, step: int, opened: Mapping[str, Any], blocks: Iterable[int]) -> list[Path]:
     """Write one challenged step's opening files for ``blocks`` into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    micro, names = opened["micro"], opened["names"]
+    micro, names, ties = opened["micro"], opened["names"], opened["ties"]
+    alias = dict(ties)
     manifest = {"format": OPENING_FORMAT, "format_version": OPENING_VERSION, "step": step, "table": opened["table"],
                 "params_before": tensor_digests(opened["params"]), "params_after": opened["params_after"],
                 "optim_before": tensor_digests(opened["optim"]), "optim_after": opened["optim_after"]}  # fmt: skip
@@ -113,11 +114,14 @@ def write_opening(out: Path, step: int, opened: Mapping[str, Any], blocks: Itera
     atomic_save_safetensors(paths[1], batch, {"format": "pt"})
     last = len(names) - 1
     for b in sorted(set(blocks)):
-        mine = set(names[b])
-        tensors = {f"param/{n}": opened["params"][n] for n in names[b] if n in opened["params"]}
+        mine = {n for n in names[b] if n not in alias}  # a tied head's tensor is block 0's to update
+        state = {alias.get(n, n) for n in names[b]}
+        tensors = {f"param/{n}": opened["params"][n] for n in state if n in opened["params"]}
         tensors |= {f"optim/{k}": v for k, v in opened["optim"].items() if k.split("/")[1] in mine}
         for m, kept in enumerate(micro):
             tensors[f"rng/{m}"] = kept[f"rng/{b}"]
+            if b == 0:
+                tensors |= {f"tied/{k}/{m}": kept[f"tied/{k}"] for k in range(len(ties))}
             if b > 0:
                 tensors[f"act_in/{m}"] = kept[f"act/{b - 1}"]
             if b < last:

@@ -25,13 +25,9 @@ STATE_COPIES = 4  # parameters, gradients, exp_avg, exp_avg_sq
 
 def block_costs(config: Any, boundaries: Sequence[int]) -> tuple[list[float], list[int]]:
     """Per block: (share of a step's FLOPs, bytes of fp32 block state the verifier holds)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from .execute import _block_names, meta_model
 
-    from .execute import _block_names
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     embedding = model.get_input_embeddings().weight
     sizes = []
     for first, last in block_ranges(boundaries):

@@ -18,14 +18,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .. import digest as D
 from ..errors import RecorderError
-from .execute import decoder_layers
+from .execute import _block_names, decoder_layers, tied
 
 
 def table_digest(table: dict[str, Any]) -> bytes:
@@ -76,6 +76,42 @@ def block_ranges(boundaries: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip(boundaries, boundaries[1:]))
 
 
+def tied_across_blocks(model: torch.nn.Module, blocks: Sequence[tuple[int, int]],
+                       trainable: Mapping[int, str] | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """The tied tensors whose uses lie in two blocks, as ``(later name, first name)``: only a table
+    registered before the layers (block 0) shared with one after them (the last block) is committable."""
+    if len(blocks) < 2:
+        return []
+    names = [_block_names(model, first, last) for first, last in blocks]
+    out = []
+    for alias, owner in tied(model).items():
+        if trainable is not None and id(model.get_parameter(owner)) not in trainable:
+            continue
+        if owner not in names[0] or alias not in names[-1] or any(alias in n or owner in n for n in names[1:-1]):
+            raise RecorderError("cells_unsupported", f"{alias} shares {owner}'s tensor across blocks other than the "
+                                "first and the last; cells do not commit that")  # fmt: skip
+        out.append((alias, owner))
+    return out
+
+
+def gradient_edge(output: torch.Tensor, weight: torch.Tensor, depth: int = 8) -> tuple[Any, int]:
+    """The autograd node nearest ``output`` that passes a gradient straight to leaf ``weight``, and the
+    index of that edge (e.g. the transpose in ``F.linear``'s graph)."""
+    frontier, seen = [output.grad_fn], set()
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for i, (fn, _) in enumerate(node.next_functions):
+                if fn is not None and getattr(fn, "variable", None) is weight:
+                    return node, i
+                following.append(fn)
+        frontier = following
+    raise RecorderError("cells_unsupported", "the tied head's use of its weight was not found in the autograd graph")
+
+
 class CellTracker:
     """Hooks that build each step's cell table (``keep``: also hold the tensors, for an opening).
 
@@ -96,6 +132,7 @@ class CellTracker:
         self._handles: list[Any] = []
         self._accelerator: Any = None
         self._names: dict[int, str] = {}
+        self.ties: list[tuple[str, str]] = []  # (head name, embedding name) of a tied head
 
     # -- install -------------------------------------------------------------------------------
 
@@ -107,10 +144,7 @@ class CellTracker:
             raise RecorderError("cells_unsupported", f"audit.layer_blocks ends at {self.blocks[-1][1]} but the model "
                                 f"has {len(layers)} decoder layers")  # fmt: skip
         trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        everywhere = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trainable]
-        if len(everywhere) != len(trainable):
-            raise RecorderError("cells_unsupported", "a trainable tensor is shared by two places (tied embeddings): its "
-                                "gradient spans two blocks, which cells do not commit (docs/SECURITY.md, Cells)")  # fmt: skip
+        self.ties = tied_across_blocks(model, self.blocks, trainable)
         if trainer is None:
             raise RecorderError("cells_unsupported", "layer-block cells need the running Trainer (its gradient clipping)")
         self._names = trainable
@@ -120,6 +154,8 @@ class CellTracker:
                 h.append(layers[first].register_forward_pre_hook(self._entry(b)))
             if b < len(self.blocks) - 1:
                 h.append(layers[last - 1].register_forward_hook(self._boundary(b)))
+        for k, (alias, owner) in enumerate(self.ties):
+            h.append(model.get_submodule(alias.rpartition(".")[0]).register_forward_hook(self._tie(k, model.get_parameter(owner))))
         self._handles = h
         self._accelerator = trainer.accelerator
         original = trainer.accelerator.clip_grad_norm_
@@ -167,7 +203,7 @@ class CellTracker:
             if m["loss_grad"] is None:
                 raise RecorderError("cells_unsupported", "the model's own loss was not back-propagated: the Trainer "
                                     "trains on a loss of its own, which layer-block cells do not cover")  # fmt: skip
-            if None in m["rng"] or None in m["act"] or None in m["grad"]:
+            if None in m["rng"] or None in m["act"] or None in m["grad"] or None in m.get("tied", ()):
                 raise RecorderError("capture_failed", "layer-block cells: a block boundary was not passed in both directions")
         return {"blocks": [list(b) for b in self.blocks], "micro": self.micro, "norms": self.norms, "total": self.total}
 
@@ -181,7 +217,8 @@ class CellTracker:
             return
         self._in_forward = True
         n = len(self.blocks)
-        self.micro.append({"rng": [None] * n, "act": [None] * (n - 1), "grad": [None] * (n - 1), "loss_grad": None})
+        self.micro.append({"rng": [None] * n, "act": [None] * (n - 1), "grad": [None] * (n - 1), "loss_grad": None,
+                           **({"tied": [None] * len(self.ties)} if self.ties else {})})  # fmt: skip
         self.kept.append({f"batch/{k}": v.detach().clone() for k, v in kwargs.items()
                           if self.keep and isinstance(v, torch.Tensor) and k != "num_items_in_batch"})  # fmt: skip
         self._rng(0, next(module.parameters()).device)
@@ -231,6 +268,26 @@ class CellTracker:
                     kept[f"grad/{b}"] = g.detach().clone()
 
             h.register_hook(grad)
+
+        return post
+
+    def _tie(self, k: int, weight: torch.Tensor) -> Any:
+        """The later use of tied tensor ``k`` (a head): commit, per micro-batch, the gradient it adds to
+        the shared tensor -- the very tensor autograd sums with the first use's -- by a hook on the
+        graph node that passes it on."""
+
+        def post(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if not (self._in_forward and self._counts(module)):
+                return
+            node, i = gradient_edge(output, weight)
+            micro, kept = self.micro[-1], self.kept[-1]
+
+            def grab(grad_inputs: tuple, _grad_outputs: tuple) -> None:
+                micro["tied"][k] = tensor_hex(grad_inputs[i])
+                if self.keep:
+                    kept[f"tied/{k}"] = grad_inputs[i].detach().clone()
+
+            node.register_hook(grab)
 
         return post
 
