@@ -305,10 +305,10 @@ class AuditCallback(StepObserver):
             fields, params = self.observe(state, model, state_digest=False)
             optim = None
             if self.cells is not None:  # one process only (the contract refuses cells with several)
-                from .cells.track import table_digest
+                from .cells.track import optimizer_tensors, table_digest
 
                 fields["cells"] = table_digest(self.cells.end())
-                optim = encoded_optimizer(model, optimizer)[0]
+                optim = optimizer_tensors(model, optimizer)  # live, where they are: hashed by the writer thread
             mine = pack_step(fields)
             if self._shards is not None:  # FSDP: this rank's files are written now, its pieces go to the main process
                 opt = encoded_optimizer(model, optimizer)[0] if anchored else None
@@ -346,7 +346,9 @@ class AuditCallback(StepObserver):
         staged: list = []
         try:  # phase 1 reads the live tensors: hash them, write them to temp files
             if optim is not None:  # cells: the optimizer state after the step, read before the next step changes it
-                fields = {**fields, "optim": D.state_digest(optim)}
+                from .cells.track import optimizer_digest
+
+                fields = {**fields, "optim": optimizer_digest(optim)}
             if sharded is not None:  # FSDP: the ranks wrote their files; join their digests
                 self._reads_done.set()
                 state, optimizer_state = self._shards.join(*sharded)

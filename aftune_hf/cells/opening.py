@@ -30,10 +30,10 @@ import torch
 
 from .. import digest as D
 from ..contract import Contract, load_contract
-from ..live import encoded_optimizer, snapshot, trainable_params
+from ..live import snapshot, trainable_params
 from ..safeio import atomic_save_safetensors, atomic_write_bytes
 from .execute import _block_names
-from .track import CellTracker, table_digest
+from .track import CellTracker, optimizer_digest, optimizer_tensors, table_digest
 
 OPENING_FORMAT = "aftune-cells-opening"
 OPENING_VERSION = 1
@@ -89,15 +89,15 @@ class Regenerate(CellTracker):
         self._before = None
         if step in self.steps:
             self._before = {"params": snapshot(trainable_params(model)),
-                            "optim": snapshot(encoded_optimizer(model, optimizer)[0])}  # fmt: skip
+                            "optim": snapshot(optimizer_tensors(model, optimizer))}  # fmt: skip
 
     def step_end(self, step: int, model: Any, optimizer: Any) -> dict[str, bytes]:
         table = self.end()
-        optim = encoded_optimizer(model, optimizer)[0]
+        optim = optimizer_tensors(model, optimizer)
         if self._before is not None:
             self.opened[step] = {"table": table, "micro": self.kept, "names": self.block_names, "ties": self.ties, **self._before,
                                  "params_after": tensor_digests(trainable_params(model)), "optim_after": tensor_digests(optim)}  # fmt: skip
-        return {"cells": table_digest(table), "optim": D.state_digest(optim)}
+        return {"cells": table_digest(table), "optim": optimizer_digest(optim)}
 
 
 def write_opening(out: Path, step: int, opened: Mapping[str, Any], blocks: Iterable[int]) -> list[Path]:

@@ -42,6 +42,26 @@ def tensor_hex(t: torch.Tensor) -> str:
     return D.tensor_digest(t).hex()
 
 
+def optimizer_tensors(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors named as an anchor names them (``state/<parameter>/<key>``), live
+    and where they are (no copy: read them before the next ``optimizer.step``)."""
+    from ..live import unwrap
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    by_id = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return {f"state/{by_id[id(p)]}/{k}": v.detach() for p, st in inner.state.items() if id(p) in by_id
+            for k, v in st.items() if isinstance(v, torch.Tensor)}  # fmt: skip
+
+
+def optimizer_digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """``S`` of the optimizer state (the step record's ``optim``), hashed where the tensors are."""
+    if any(t.device.type == "cuda" for t in tensors.values()):
+        from ..device_blake3 import state_digest
+
+        return state_digest(dict(tensors))
+    return D.state_digest(tensors)
+
+
 def rng_state(device: torch.device) -> torch.Tensor:
     """The generator state dropout on ``device`` draws from, as one uint8 tensor (CPU; CUDA's appended)."""
     parts = [torch.get_rng_state()]
@@ -187,9 +207,7 @@ class CellTracker:
 
     def step_end(self, step: int, model: Any, optimizer: Any) -> dict[str, bytes]:
         """A replayed step's ``cells`` and ``optim`` record fields, made as the recorder makes them."""
-        from ..live import encoded_optimizer
-
-        return {"cells": table_digest(self.end()), "optim": D.state_digest(encoded_optimizer(model, optimizer)[0])}
+        return {"cells": table_digest(self.end()), "optim": optimizer_digest(optimizer_tensors(model, optimizer))}
 
     def begin(self) -> None:
         self.active, self.micro, self.kept, self.norms, self.total = True, [], [], None, None
