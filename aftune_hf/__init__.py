@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AftuneError": "errors",
     "AuditCallback": "callback",
+    "Cell": "cells.opening",
+    "challenge_cells": "cells.opening",
+    "check_cells": "cells.check",
+    "open_cells": "cells.opening",
     "Contract": "contract",
     "Recipe": "contract",
     "VerificationReport": "report",
@@ -29,12 +33,15 @@ _EXPORTS = {
     "wrap_generate": "generate",
 }
 __all__ = [
-    "AftuneError", "AuditCallback", "Contract", "Recipe", "VerificationReport", "__version__", "audited_trainer",
-    "load_contract", "push_trace", "verify_inference", "verify_trace", "wrap_generate",
+    "AftuneError", "AuditCallback", "Cell", "Contract", "Recipe", "VerificationReport", "__version__", "audited_trainer",
+    "challenge_cells", "check_cells", "load_contract", "open_cells", "push_trace", "verify_inference", "verify_trace",
+    "wrap_generate",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from .callback import AuditCallback
+    from .cells.check import check_cells
+    from .cells.opening import Cell, challenge_cells, open_cells
     from .contract import Contract, Recipe, load_contract
     from .errors import AftuneError
     from .generate import wrap_generate

@@ -153,6 +153,7 @@ class CellTracker:
         self._accelerator: Any = None
         self._names: dict[int, str] = {}
         self.ties: list[tuple[str, str]] = []  # (head name, embedding name) of a tied head
+        self.error: RecorderError | None = None  # raised by end(), not inside the Trainer's forward or clipping
 
     # -- install -------------------------------------------------------------------------------
 
@@ -185,8 +186,8 @@ class CellTracker:
             mine = self._norms(parameters) if self.active and self.norms is None else None
             result = original(parameters, max_norm, *args, **kwargs)
             if mine is not None and not torch.equal(mine, torch.as_tensor(result, device=mine.device)):
-                raise RecorderError("cells_unsupported", "the Trainer's gradient norm is not the total of its tensors' "
-                                    f"norms ({float(result)!r} vs {float(mine)!r}); cells cannot commit it")  # fmt: skip
+                self._fail(RecorderError("cells_unsupported", "the Trainer's gradient norm is not the total of its "
+                                         f"tensors' norms ({float(result)!r} vs {float(mine)!r}); cells cannot commit it"))  # fmt: skip
             return result
 
         trainer.accelerator.clip_grad_norm_ = clip
@@ -212,9 +213,15 @@ class CellTracker:
     def begin(self) -> None:
         self.active, self.micro, self.kept, self.norms, self.total = True, [], [], None, None
 
+    def _fail(self, error: RecorderError) -> None:
+        """A hook's problem: kept for :meth:`end` (the recorder's step end fails closed there)."""
+        self.error = self.error or error
+
     def end(self) -> dict[str, Any]:
         """The step's cell table (see docs/FORMAT.md, Cells)."""
         self.active = False
+        if self.error is not None:
+            raise self.error
         if not self.micro or self.norms is None:
             raise RecorderError("capture_failed", "layer-block cells: no training forward or no gradient clipping seen")
         for m in self.micro:
@@ -247,7 +254,7 @@ class CellTracker:
         self._in_forward = False
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-            raise RecorderError("cells_unsupported", "layer-block cells need the model to compute the training loss")
+            return  # end() reports the loss gradient it never saw
         micro, kept = self.micro[-1], self.kept[-1]
 
         def grad(g: torch.Tensor) -> None:
@@ -297,7 +304,10 @@ class CellTracker:
         def post(module: torch.nn.Module, args: tuple, output: Any) -> None:
             if not (self._in_forward and self._counts(module)):
                 return
-            node, i = gradient_edge(output, weight)
+            try:
+                node, i = gradient_edge(output, weight)
+            except RecorderError as e:
+                return self._fail(e)
             micro, kept = self.micro[-1], self.kept[-1]
 
             def grab(grad_inputs: tuple, _grad_outputs: tuple) -> None:
@@ -309,10 +319,11 @@ class CellTracker:
 
         return post
 
-    def _norms(self, parameters: list[torch.Tensor]) -> torch.Tensor:
+    def _norms(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
         named = [(self._names[id(p)], p.grad) for p in parameters if p.grad is not None and id(p) in self._names]
         if not named or len({(g.device, g.dtype) for _, g in named}) != 1:
-            raise RecorderError("cells_unsupported", "layer-block cells need every gradient on one device in one dtype")
+            self._fail(RecorderError("cells_unsupported", "layer-block cells need every gradient on one device in one dtype"))
+            return None
         norms = tensor_norms([g for _, g in named])
         self.norms = {n: D.encode_float(float(v)) for (n, _), v in zip(named, norms)}
         total = total_norm(norms)
