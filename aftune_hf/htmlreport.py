@@ -59,7 +59,7 @@ def render_html(report: VerificationReport) -> str:
         parts.append(f'<h2>Error</h2><p class="bad">{escape(r.error)}</p>')
     parts.append(_failures(r))
     if r.mode != "inference":
-        parts += [_windows(r), _data(r), _detection(r), _step_plot(r), _curves(r)]
+        parts += [_windows(r), _cells(r), _data(r), _detection(r), _step_plot(r), _curves(r)]
     if r.calls:
         parts.append(_calls(r))
     if r.contract:
@@ -99,6 +99,19 @@ def _windows(r: VerificationReport) -> str:
         rows.append((str(w.index), f"{w.start + 1}–{w.end}", _status(w.ok), f"{w.seconds:.1f} s",
                      f"{max(dist):.2e}" if dist else ("bit-equal" if w.ok and w.steps else ""), escape(w.failure)))  # fmt: skip
     return "<h2>Re-executed windows</h2>" + _table(["window", "steps", "result", "time", "max distance", "note"], rows)
+
+
+def _cells(r: VerificationReport) -> str:
+    if not r.cells:
+        return ""
+    rows = [(str(c.step), str(c.block), _status(c.ok), f"{c.seconds:.2f} s", escape(c.detail)) for c in r.cells]
+    out = "<h2>Layer-block cells</h2>" + _table(["step", "block", "result", "time", "note"], rows)
+    d = r.cell_detection
+    if d is not None:
+        probs = ", ".join(f"{float(f):.0%} falsified: {p:.2%}" for f, p in d.by_fraction.items())
+        out += (f"<p>{d.cells_checked} of {d.cells_total} cells re-executed ({d.flops_share:.2%} of the training FLOPs, "
+                f"at most {d.peak_bytes / 2**20:.1f} MiB of block state); caught with probability {escape(probs)}.</p>")  # fmt: skip
+    return out
 
 
 def _data(r: VerificationReport) -> str:

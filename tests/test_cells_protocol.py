@@ -81,6 +81,14 @@ def test_verify_with_openings_passes_on_cells_alone(honest):
     assert len(report.cells) == 12 and report.windows == () and report.cell_detection.achieved == 1.0
     assert 0.99 < report.cell_detection.flops_share <= 1.0  # every cell of the grid: the whole run once
     assert "cell detection (12/12 cells)" in report.summary()
+    import json
+
+    from aftune_hf.htmlreport import render_html
+    from aftune_hf.report import report_from_json
+
+    assert "Layer-block cells" in render_html(report) and "12 of 12 cells re-executed" in render_html(report)
+    again = report_from_json(json.loads(json.dumps(report.to_json())))
+    assert again.cells == report.cells and again.cell_detection == report.cell_detection
 
 
 def test_whole_window_replay_rederives_the_cell_commitments(honest):
