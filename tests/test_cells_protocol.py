@@ -267,6 +267,8 @@ def test_the_cli_round_trip(honest, tmp_path, capsys):
     assert main(["verify", trace, "--contract", contract, "--nonce", "6b" * 16, "--windows", "0", "--openings", str(out),
                  "--cells", "3", "--quiet"]) == 1  # another nonce challenges other cells: those are not opened
     assert "cell_unopened" in capsys.readouterr().out
+    assert main(["verify", trace, "--contract", contract, "--nonce", NONCE, "--openings", str(tmp_path / "typo")]) == 2
+    assert "openings_not_found" in capsys.readouterr().err  # the client's mistake: a usage error, not the provider's FAIL
     assert main(["plan", "--steps", "1000", "--anchor-every", "10", "--bad-fraction", "0.1", "--model",
                  str(load_contract(contract).resolve(load_contract(contract).base_model.path)), "--layer-blocks", "0,1,2,3"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -84,6 +84,8 @@ def verify_trace(
     nonce_bytes = parse_nonce(nonce)
     if openings is not None and c.audit.layer_blocks is None:
         raise ConfigError("no_cells", "the contract has no audit.layer_blocks: there are no cells to check")
+    if openings is not None and not str(openings).startswith("hf://") and not Path(openings).is_dir():
+        raise ConfigError("openings_not_found", "no such directory (the provider's opening: aftune cells open)", path=str(openings))
     base = dict(contract_digest=c.digest_hex(), mode=c.audit.mode, nonce=nonce_bytes.hex(), source=str(trace),
                 tolerance=c.audit.tolerance, contract=c.canonical())  # fmt: skip
     failures: list[Failure] = []
