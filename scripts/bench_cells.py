@@ -38,7 +38,7 @@ from benchkit import REPO, bench_contract, emit, parser
 def record(a, work: Path) -> Path:
     from aftune_hf.cells.opening import Cell, open_cells
     from aftune_hf.contract import load_contract
-    from aftune_hf.recipes.causal_lm import build, make_base_model
+    from aftune_hf.recipes.causal_lm import make_base_model
 
     sys.path.insert(0, str(REPO))
     from tests import cellkit
@@ -52,7 +52,6 @@ def record(a, work: Path) -> Path:
     c = load_contract(path)
     cellkit.record(path, work / "trace")
     open_cells(c, work / "trace", [Cell(2, a.block)], work / "open")
-    del build
     return path
 
 

@@ -135,15 +135,27 @@ def _forge(model, active):
     return layer.register_forward_hook(hook)
 
 
-class _ForgeInOpening(opening.Regenerate):
-    def install(self, model, trainer):
-        self._step = 0
-        _forge(model, lambda: self._step == FORGE[1])  # before the tracker's hook: it digests the forged tensor
-        super().install(model, trainer)
+def _hooked(tmp_path_factory, base, name, hook):
+    """Record and open with the cheat ``hook(model, active)`` installed at step FORGE[1] in training and in
+    the provider's regeneration alike (before the tracker's hooks, so what it changes is what is committed)."""
+    state = {"step": 0}
 
-    def step_begin(self, step, model, optimizer):
-        self._step = step
-        super().step_begin(step, model, optimizer)
+    class Step(transformers.TrainerCallback):
+        def on_step_begin(self, args, s, control, **kwargs):
+            state["step"] = s.global_step + 1
+
+    class InOpening(opening.Regenerate):
+        def install(self, model, trainer):
+            self._step = 0
+            hook(model, lambda: self._step == FORGE[1])
+            super().install(model, trainer)
+
+        def step_begin(self, step, model, optimizer):
+            self._step = step
+            super().step_begin(step, model, optimizer)
+
+    return _cheat(tmp_path_factory, base, name, InOpening, callbacks=(Step(),),
+                  prepare=lambda model: hook(model, lambda: state["step"] == FORGE[1]))  # fmt: skip
 
 
 def _cheat(tmp_path_factory, base, name, forger, **record):
@@ -168,31 +180,13 @@ def test_nudged_block_weights_fail_exactly_their_cell(tmp_path_factory, base):
 
 
 def test_forged_boundary_activation_fails_the_cell_that_produces_it(tmp_path_factory, base):
-    state = {"step": 0}
-
-    class Step(transformers.TrainerCallback):
-        def on_step_begin(self, args, s, control, **kwargs):
-            state["step"] = s.global_step + 1
-
-    work = _cheat(tmp_path_factory, base, "forge", _ForgeInOpening, callbacks=(Step(),),
-                  prepare=lambda model: _forge(model, lambda: state["step"] == FORGE[1]))  # fmt: skip
+    work = _hooked(tmp_path_factory, base, "forge", _forge)
     results = _check(work, work / "open")
     failed = {k for k, r in results.items() if not r.ok}
     assert failed == {(2, 0)}, {k: r.detail for k, r in results.items() if not r.ok}
     assert "output is not the committed boundary activation" in results[(2, 0)].detail
     report = verify_trace(work / "trace", work / "c.yaml", nonce=NONCE, windows=2)  # whole windows catch it too
     assert report.verdict == "FAIL" and any("cells digest differs" in f.reason for f in report.failures)
-
-
-class _ReseedInOpening(opening.Regenerate):
-    def install(self, model, trainer):
-        self._step = 0
-        _reseed(model, lambda: self._step == FORGE[1])
-        super().install(model, trainer)
-
-    def step_begin(self, step, model, optimizer):
-        self._step = step
-        super().step_begin(step, model, optimizer)
 
 
 def _reseed(model, active):
@@ -206,14 +200,7 @@ def _reseed(model, active):
 
 
 def test_chosen_dropout_masks_fail_the_cell_before_them(tmp_path_factory, base):
-    state = {"step": 0}
-
-    class Step(transformers.TrainerCallback):
-        def on_step_begin(self, args, s, control, **kwargs):
-            state["step"] = s.global_step + 1
-
-    work = _cheat(tmp_path_factory, base, "reseed", _ReseedInOpening, callbacks=(Step(),),
-                  prepare=lambda model: _reseed(model, lambda: state["step"] == FORGE[1]))  # fmt: skip
+    work = _hooked(tmp_path_factory, base, "reseed", _reseed)
     results = _check(work, work / "open")
     failed = {k for k, r in results.items() if not r.ok}
     assert failed == {(2, 0)}, {k: r.detail for k, r in results.items() if not r.ok}
